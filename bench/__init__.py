@@ -1,0 +1,1 @@
+"""Benchmarks of p2pdist, run as ``python -m bench``."""

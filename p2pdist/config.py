@@ -1,0 +1,203 @@
+"""Configuration of the node role: one object, from a TOML file, then ``P2PDIST_*``
+environment variables, then command-line flags (each layer overrides the one before).
+
+Example ``p2pdist.toml``::
+
+    data_dir = "/var/lib/p2pdist"
+    piece_size = "4MiB"
+    concurrency = 8
+
+    [registries."registry.example.com"]
+    username = "ci"
+    password = "..."            # or leave it out and use ~/.docker/config.json
+    ca_file = "/etc/ssl/private-ca.pem"
+
+    [registries."127.0.0.1:5000"]
+    # loopback registries speak plain http by default
+    url = "http://127.0.0.1:5000"
+
+Secrets (``password``, ``token``) are kept out of ``repr`` so they never reach a log.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .pieces import DEFAULT_PIECE_SIZE, MIN_PIECE_SIZE
+
+__all__ = [
+    "NodeConfig",
+    "RegistryConfig",
+    "default_data_dir",
+    "is_loopback_host",
+    "load_node_config",
+    "parse_size",
+]
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?i?B?)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+          "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+          "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """``"4MiB"`` → 4194304, ``"100MB"`` → 100000000, ``123`` → 123."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"invalid size {value!r}: must be >= 0")
+        return value
+    m = _SIZE.fullmatch(str(value))
+    if m is None or (m.group(2) or "").upper() not in _UNITS:
+        raise ConfigError(f"invalid size {value!r}: expected e.g. 4MiB, 512KiB, 1GB or bytes")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost``, ``127.x.y.z`` and ``[::1]`` (with or without a port)."""
+    h = host
+    if h.startswith("["):
+        h = h[1 : h.find("]")] if "]" in h else h
+    elif h.count(":") == 1:
+        h = h.split(":", 1)[0]
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegistryConfig:
+    """How to reach one registry host."""
+
+    host: str
+    url: str | None = None
+    insecure: bool = False
+    ca_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        if self.url:
+            return self.url.rstrip("/")
+        scheme = "http" if is_loopback_host(self.host) else "https"
+        return f"{scheme}://{self.host}"
+
+
+def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/p2pdist")
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "p2pdist"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """Everything a node (daemon or standalone CLI) needs to know."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    piece_size: int = DEFAULT_PIECE_SIZE
+    concurrency: int = 8
+    platform: str = "linux/amd64"
+    docker_config: Path | None = None
+    registries: Mapping[str, RegistryConfig] = field(default_factory=dict)
+
+    def registry(self, host: str) -> RegistryConfig:
+        """The settings for ``host``; credentials from the environment apply to it when
+        ``P2PDIST_REGISTRY_HOST`` names it (or is unset)."""
+        reg = self.registries.get(host) or RegistryConfig(host=host)
+        env = os.environ
+        env_host = env.get("P2PDIST_REGISTRY_HOST")
+        if reg.username is None and env.get("P2PDIST_REGISTRY_USERNAME") and env_host in (
+            None,
+            host,
+        ):
+            reg = replace(
+                reg,
+                username=env["P2PDIST_REGISTRY_USERNAME"],
+                password=env.get("P2PDIST_REGISTRY_PASSWORD"),
+            )
+        return reg
+
+    def validate(self) -> NodeConfig:
+        if self.piece_size < MIN_PIECE_SIZE:
+            raise ConfigError(f"piece_size must be at least {MIN_PIECE_SIZE} bytes")
+        if not 1 <= self.concurrency <= 256:
+            raise ConfigError("concurrency must be between 1 and 256")
+        if re.fullmatch(r"[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?", self.platform) is None:
+            raise ConfigError(f"invalid platform {self.platform!r}: expected os/arch[/variant]")
+        return self
+
+
+def _registries_from(table: Any) -> dict[str, RegistryConfig]:
+    if not isinstance(table, dict):
+        raise ConfigError("[registries] must be a table of tables")
+    out: dict[str, RegistryConfig] = {}
+    allowed = {"url", "insecure", "ca_file", "username", "password", "token"}
+    for host, values in table.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"[registries.{host!r}] must be a table")
+        unknown = set(values) - allowed
+        if unknown:
+            raise ConfigError(f"[registries.{host!r}]: unknown keys {sorted(unknown)}")
+        out[host] = RegistryConfig(host=host, **values)
+    return out
+
+
+def load_node_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """File, then environment (``P2PDIST_DATA_DIR``, ``P2PDIST_PIECE_SIZE``,
+    ``P2PDIST_CONCURRENCY``, ``P2PDIST_PLATFORM``, ``P2PDIST_CONFIG``), then ``overrides``
+    (flags; ``None`` values are ignored)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = path or env.get("P2PDIST_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} not found") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+        for key, value in raw.items():
+            if key == "registries":
+                values["registries"] = _registries_from(value)
+            elif key in ("data_dir", "piece_size", "concurrency", "platform", "docker_config"):
+                values[key] = value
+            else:
+                raise ConfigError(f"{path}: unknown key {key!r}")
+    for key in ("data_dir", "piece_size", "concurrency", "platform", "docker_config"):
+        if f"P2PDIST_{key.upper()}" in env:
+            values[key] = env[f"P2PDIST_{key.upper()}"]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    try:
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"]).expanduser()
+        if "docker_config" in values:
+            values["docker_config"] = Path(values["docker_config"]).expanduser()
+        if "piece_size" in values:
+            values["piece_size"] = parse_size(values["piece_size"])
+        if "concurrency" in values:
+            values["concurrency"] = int(values["concurrency"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    return NodeConfig(**values).validate()

@@ -1,0 +1,137 @@
+"""The one exception tree of p2pdist.
+
+::
+
+    P2PDistError                      every error p2pdist raises on purpose
+     ├── UsageError                   bad input from the user (exit 2)
+     │    ├── InvalidDigest
+     │    ├── InvalidReference
+     │    └── ConfigError
+     ├── VerificationError            bytes did not match their hash (exit 1)
+     │    ├── PieceMismatch
+     │    └── DigestMismatch
+     ├── RegistryError                an upstream answered, but not with what we asked for
+     │    ├── NotFound                404 (exit 3)
+     │    ├── Unauthorized            401 (exit 3)
+     │    ├── Forbidden               403 (exit 3)
+     │    ├── ManifestInvalid         a manifest we cannot parse or use (exit 1)
+     │    └── UpstreamError           any other unexpected status, after retries (exit 4)
+     ├── NetworkError                 connection refused/reset, timeouts, TLS (exit 4)
+     └── StoreError                   the local piece store failed (exit 4)
+          ├── StoreFull               ENOSPC / EDQUOT
+          └── StorePermission         EACCES / EPERM / EROFS
+
+Every class carries ``exit_code``: the CLI's exit status for it.  Messages are one line,
+meant for a human, and never contain credentials.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DigestMismatch",
+    "Forbidden",
+    "InvalidDigest",
+    "InvalidReference",
+    "ManifestInvalid",
+    "NetworkError",
+    "NotFound",
+    "P2PDistError",
+    "PieceMismatch",
+    "RegistryError",
+    "StoreError",
+    "StoreFull",
+    "StorePermission",
+    "Unauthorized",
+    "UpstreamError",
+    "UsageError",
+    "VerificationError",
+]
+
+EXIT_OK = 0
+EXIT_VERIFY = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_NETWORK = 4
+
+
+class P2PDistError(Exception):
+    """Base of every error p2pdist raises on purpose."""
+
+    exit_code: int = EXIT_NETWORK
+
+
+class UsageError(P2PDistError):
+    exit_code = EXIT_USAGE
+
+
+class InvalidDigest(UsageError):
+    pass
+
+
+class InvalidReference(UsageError):
+    pass
+
+
+class ConfigError(UsageError):
+    pass
+
+
+class VerificationError(P2PDistError):
+    exit_code = EXIT_VERIFY
+
+
+class PieceMismatch(VerificationError):
+    def __init__(self, message: str, *, index: int = -1) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class DigestMismatch(VerificationError):
+    pass
+
+
+class RegistryError(P2PDistError):
+    """An upstream answered, but not with what we asked for."""
+
+    exit_code = EXIT_NETWORK
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotFound(RegistryError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class Unauthorized(RegistryError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class Forbidden(RegistryError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class ManifestInvalid(RegistryError):
+    exit_code = EXIT_VERIFY
+
+
+class UpstreamError(RegistryError):
+    exit_code = EXIT_NETWORK
+
+
+class NetworkError(P2PDistError):
+    exit_code = EXIT_NETWORK
+
+
+class StoreError(P2PDistError):
+    exit_code = EXIT_NETWORK
+
+
+class StoreFull(StoreError):
+    pass
+
+
+class StorePermission(StoreError):
+    pass
