@@ -43,10 +43,26 @@ __all__ = [
 ]
 
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?i?B?)?\s*", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
-          "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-          "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30, "TI": 1 << 40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KI": 1 << 10,
+    "MI": 1 << 20,
+    "GI": 1 << 30,
+    "TI": 1 << 40,
+}
 
 
 def parse_size(value: str | int) -> int:
@@ -120,9 +136,14 @@ class NodeConfig:
         reg = self.registries.get(host) or RegistryConfig(host=host)
         env = os.environ
         env_host = env.get("P2PDIST_REGISTRY_HOST")
-        if reg.username is None and env.get("P2PDIST_REGISTRY_USERNAME") and env_host in (
-            None,
-            host,
+        if (
+            reg.username is None
+            and env.get("P2PDIST_REGISTRY_USERNAME")
+            and env_host
+            in (
+                None,
+                host,
+            )
         ):
             reg = replace(
                 reg,

@@ -135,3 +135,29 @@ class StoreFull(StoreError):
 
 class StorePermission(StoreError):
     pass
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for inner in exc.exceptions:
+            out.extend(_leaves(inner))
+        return out
+    return [exc]
+
+
+class collapse_groups:
+    """Turn an exception group made only of p2pdist errors (what a trio nursery raises
+    when one of its tasks fails) back into its first error, so that callers can catch
+    :class:`P2PDistError` and the CLI can map it to an exit code.  Anything else — a bug,
+    ``KeyboardInterrupt``, a mix — passes through untouched."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves = _leaves(exc)
+            if leaves and all(isinstance(e, P2PDistError) for e in leaves):
+                raise leaves[0] from None
+        return False

@@ -1,0 +1,269 @@
+"""``p2pdist get``: one blob, manifest or URL to a file, every byte verified on the way.
+
+Nothing appears at the output path until the content is complete and verified: data is
+assembled in the piece store (or a temp file beside the output) and moved into place with
+one ``rename``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+import trio
+
+from .config import NodeConfig
+from .digest import Digest
+from .download import DownloadStats, FileSink, ProgressFn, download, download_blob
+from .errors import UsageError
+from .progress import ProgressBar, format_bytes, format_rate
+from .reference import Reference, parse_reference
+from .registry import RegistryClient
+from .store import PieceStore
+from .urlsource import UrlSource, make_http_client
+
+__all__ = ["GetRequest", "run_get"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetRequest:
+    target: str
+    output: str
+    manifest: bool = False
+    digest: Digest | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    insecure: bool = False
+    platform: str | None = None
+    progress: bool = True
+    quiet: bool = False
+
+
+def _is_url(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
+@contextlib.contextmanager
+def _atomic_output(output: str) -> Iterator[tuple[BinaryIO, Path | None]]:
+    """A file to write into that appears at ``output`` only if the block succeeds.
+    ``-`` is standard output."""
+    if output == "-":
+        yield sys.stdout.buffer, None
+        sys.stdout.buffer.flush()
+        return
+    target = Path(output)
+    if target.is_dir():
+        raise UsageError(f"output {output!r} is a directory")
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
+    except FileNotFoundError:
+        raise UsageError(f"output directory {str(directory)!r} does not exist") from None
+    except PermissionError:
+        raise UsageError(f"cannot write to {str(directory)!r}: permission denied") from None
+    tmp_path = Path(tmp)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f, tmp_path
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644 & ~_umask())
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _place(src: Path, output: str) -> None:
+    """Copy a verified file to ``output`` atomically (in-kernel copy where possible)."""
+    with _atomic_output(output) as (out, _), open(src, "rb") as inp:
+        shutil.copyfileobj(inp, out, 1 << 20) if output == "-" else _copy_fd(inp, out)
+
+
+def _copy_fd(inp: BinaryIO, out: BinaryIO) -> None:
+    size = os.fstat(inp.fileno()).st_size
+    offset = 0
+    try:
+        while offset < size:
+            n = os.copy_file_range(inp.fileno(), out.fileno(), size - offset, offset, offset)
+            if n == 0:
+                break
+            offset += n
+    except OSError:
+        offset = 0
+    if offset < size:
+        inp.seek(0)
+        out.seek(0)
+        out.truncate()
+        shutil.copyfileobj(inp, out, 4 << 20)
+
+
+def _say(req: GetRequest, text: str) -> None:
+    if not req.quiet:
+        print(text, file=sys.stderr)
+
+
+def _progress(req: GetRequest, label: str) -> ProgressBar | None:
+    if req.quiet or not req.progress or not sys.stderr.isatty():
+        return None
+    return ProgressBar(label)
+
+
+def _summary(req: GetRequest, what: str, digest: Digest | None, stats: DownloadStats) -> None:
+    detail = f"{format_bytes(stats.size)}"
+    if stats.received:
+        detail += f" in {stats.seconds:.2f}s ({format_rate(stats.rate)})"
+    elif stats.reused:
+        detail += " (already in the local store)"
+    _say(req, f"{what} {digest if digest else ''} verified, {detail}".replace("  ", " "))
+
+
+async def run_get(req: GetRequest, config: NodeConfig) -> None:
+    if _is_url(req.target):
+        await _get_url(req, config)
+        return
+    ref = parse_reference(req.target, default_tag=None)
+    if req.manifest:
+        await _get_manifest(req, config, ref)
+    else:
+        await _get_blob(req, config, ref)
+
+
+def _client(config: NodeConfig, ref: Reference, insecure: bool) -> RegistryClient:
+    reg = config.registry(ref.api_host)
+    if insecure:
+        from dataclasses import replace
+
+        reg = replace(reg, insecure=True)
+    return RegistryClient(
+        reg,
+        platform=config.platform,
+        docker_config=config.docker_config,
+        max_connections=max(8, config.concurrency * 2),
+    )
+
+
+async def _get_manifest(req: GetRequest, config: NodeConfig, ref: Reference) -> None:
+    if ref.tag is None and ref.digest is None:
+        ref = Reference(ref.registry, ref.repository, "latest", None)
+    async with _client(config, ref, req.insecure) as client:
+        if req.platform:
+            image = await client.resolve_image(ref.repository, ref.reference, platform=req.platform)
+            data, media_type, digest = image.data, image.media_type, image.digest
+        else:
+            manifest = await client.get_manifest(ref.repository, ref.reference)
+            data, media_type, digest = manifest.data, manifest.media_type, manifest.digest
+    with _atomic_output(req.output) as (out, _):
+        out.write(data)
+    _say(req, f"manifest {digest} ({media_type}) verified, {len(data)} bytes")
+
+
+async def _get_blob(req: GetRequest, config: NodeConfig, ref: Reference) -> None:
+    if ref.digest is None:
+        raise UsageError(
+            f"{req.target!r} names no blob: use REGISTRY/REPO@sha256:<hex>, "
+            "or add --manifest to fetch a manifest"
+        )
+    store = await trio.to_thread.run_sync(PieceStore, config.data_dir)
+    bar = _progress(req, f"{ref.digest.hex[:12]}")
+    async with _client(config, ref, req.insecure) as client:
+        source = client.blob_source(ref.repository, ref.digest)
+        try:
+            path, stats = await download_blob(
+                source,
+                store,
+                ref.digest,
+                piece_size=config.piece_size,
+                concurrency=config.concurrency,
+                progress=bar,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+    await trio.to_thread.run_sync(_place, path, req.output)
+    _summary(req, "blob", ref.digest, stats)
+
+
+async def _get_url(req: GetRequest, config: NodeConfig) -> None:
+    async with make_http_client(
+        insecure=req.insecure, max_connections=max(8, config.concurrency * 2)
+    ) as http:
+        source = UrlSource(http, req.target, headers=req.headers)
+        bar = _progress(req, Path(httpx.URL(req.target).path).name or "download")
+        try:
+            if req.digest is not None:
+                store = await trio.to_thread.run_sync(PieceStore, config.data_dir)
+                path, stats = await download_blob(
+                    source,
+                    store,
+                    req.digest,
+                    piece_size=config.piece_size,
+                    concurrency=config.concurrency,
+                    progress=bar,
+                )
+                await trio.to_thread.run_sync(_place, path, req.output)
+                _summary(req, "file", req.digest, stats)
+            else:
+                await _get_url_unverified(req, config, source, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+async def _get_url_unverified(
+    req: GetRequest, config: NodeConfig, source: UrlSource, bar: ProgressFn | None
+) -> None:
+    """No ``--digest``: fetch into a temp file beside the output, report its sha256."""
+    info = await source.probe()
+    directory = Path(req.output).parent if req.output != "-" else Path(tempfile.gettempdir())
+    if info.size is None:
+        await _stream_unsized(req, source, bar)
+        return
+    from .pieces import piece_size_for
+
+    sink = FileSink(directory, info.size, piece_size_for(info.size, config.piece_size))
+    try:
+        path, stats = await download(
+            source, sink, info=info, concurrency=config.concurrency, progress=bar
+        )
+        if req.output == "-":
+            await trio.to_thread.run_sync(_place, path, req.output)
+            path.unlink()
+        else:
+            os.chmod(path, 0o644 & ~_umask())
+            os.replace(path, req.output)
+    except BaseException:
+        sink.discard()
+        raise
+    _say(req, "warning: no --digest given, so the content could not be verified")
+    _summary(req, "file", sink.digest, stats)
+
+
+async def _stream_unsized(req: GetRequest, source: UrlSource, bar: ProgressFn | None) -> None:
+    """An origin that announces no size (chunked): one stream into the output's temp file."""
+    h = hashlib.sha256()
+    received = 0
+    with _atomic_output(req.output) as (out, _):
+        async with source.open_range(0, None) as stream:
+            async for chunk in stream:
+                h.update(chunk)
+                out.write(chunk)
+                received += len(chunk)
+                if bar is not None:
+                    bar(received, None)
+    _say(req, "warning: no --digest given, so the content could not be verified")
+    _say(req, f"file sha256:{h.hexdigest()}, {format_bytes(received)}")
