@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -25,7 +25,9 @@ from .digest import Digest
 from .errors import DigestMismatch, NetworkError, StoreError, UpstreamError, collapse_groups
 from .pieces import PiecePlan
 from .source import Source, SourceInfo
-from .store import PieceStore
+
+if TYPE_CHECKING:
+    from .store import PieceStore
 
 __all__ = [
     "DownloadStats",

@@ -1,0 +1,48 @@
+"""``python -m bench``: the demo and the benchmarks.
+
+python -m bench demo                      # registry + generated image + p2pdist get
+python -m bench get-vs-curl --size 1GiB   # p2pdist get vs curl, same blob, same registry
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="local registry, generated image, verified get")
+    demo.add_argument("--size", default="64MiB", help="image content size (default 64MiB)")
+    demo.add_argument("--layers", type=int, default=4)
+    demo.add_argument("--out", default="demo-out", help="where the fetched layers go")
+    cmp = sub.add_parser("get-vs-curl", help="p2pdist get against curl, side by side")
+    cmp.add_argument("--size", default="1GiB", help="blob size (default 1GiB)")
+    cmp.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    cmp.add_argument("--concurrency", type=int, default=None)
+    cmp.add_argument("--piece-size", default=None)
+    cmp.add_argument("--out", default="bench-out", help="directory for result.json")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(size=args.size, layers=args.layers, out=args.out)
+    if args.command == "get-vs-curl":
+        from .getbench import run_get_vs_curl
+
+        return run_get_vs_curl(
+            size=args.size,
+            rounds=args.rounds,
+            concurrency=args.concurrency,
+            piece_size=args.piece_size,
+            out=args.out,
+        )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
