@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -325,7 +327,9 @@ def test_torn_journal_tail_is_ignored(tmp_path: Path) -> None:
     journal = task_dir(tmp_path, digest) / "journal"
     assert journal.stat().st_size == 3 * RECORD_SIZE
     rng = random.Random(17)
-    for garbage in (rng.randbytes(17), rng.randbytes(RECORD_SIZE), rng.randbytes(100)):
+    # plausible records (index in range) with a wrong checksum, and a torn partial record
+    plausible = struct.pack("<Q32sI", 2, rng.randbytes(32), 12345)
+    for garbage in (rng.randbytes(17), plausible, plausible + rng.randbytes(30)):
         with open(journal, "ab") as f:
             f.write(garbage)
         store = PieceStore(tmp_path)
@@ -333,14 +337,45 @@ def test_torn_journal_tail_is_ignored(tmp_path: Path) -> None:
             assert [i for i in range(10) if task.is_verified(i)] == [1, 4, 7]
             assert journal.stat().st_size == 3 * RECORD_SIZE  # truncated away
             assert task.read_piece(7) == data[700:800]
-    # a record with a flipped bit (same length) ends the valid prefix too
+    # a record with a flipped bit in its hash ends the valid prefix too
     raw = bytearray(journal.read_bytes())
-    raw[2 * RECORD_SIZE + 5] ^= 0x01
+    raw[2 * RECORD_SIZE + 20] ^= 0x01
     journal.write_bytes(bytes(raw))
     with PieceStore(tmp_path).open_task(digest, 1000, 100) as task:
         assert [i for i in range(10) if task.is_verified(i)] == [1, 4]
+        assert task.piece_hashes()[4] == sha(data[400:500])
         write_all(task, data, task.missing())
         assert task.commit().read_bytes() == data
+
+
+def test_failed_partial_journal_append_is_rolled_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal append that writes part of a record and then fails (disk full) is
+    truncated back, so records appended later are not lost behind a torn one."""
+    data = blob(1000, seed=21)
+    digest = sha256_digest(data)
+    store = PieceStore(tmp_path)
+    task = store.open_task(digest, 1000, 100)
+    write_all(task, data, [0, 1])
+    real_write = os.write
+
+    def torn_write(fd: int, buf: bytes) -> int:
+        if fd == task._journal_fd:
+            real_write(fd, buf[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, buf)
+
+    monkeypatch.setattr(os, "write", torn_write)
+    with pytest.raises(StoreFull, match="journal"):
+        task.write_piece(2, data[200:300])
+    monkeypatch.undo()
+    assert not task.is_verified(2)
+    assert (task.path / "journal").stat().st_size == 2 * RECORD_SIZE
+    write_all(task, data, [2, 5])
+    task.close()
+    with PieceStore(tmp_path).open_task(digest, 1000, 100) as again:
+        assert [i for i in range(10) if again.is_verified(i)] == [0, 1, 2, 5]
 
 
 def test_second_opener_is_refused(tmp_path: Path) -> None:
