@@ -6,15 +6,22 @@ Every fixture skips (with the apt-get hint) when docker-registry is not installe
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from bench.image import make_image, push_image
 from bench.localregistry import LocalRegistry
+from tests.faultproxy import FaultProxy
 from tests.helpers import PushedImage, skip_without_registry
+
+if TYPE_CHECKING:  # tokenserver needs `cryptography`; imported lazily in the fixture
+    from tests.tokenserver import TokenRegistry
 
 AUTH_USER = "p2pdist"
 AUTH_PASSWORD = "p2pdist-secret"
+TOKEN_USER = "p2pdist"
+TOKEN_PASSWORD = "p2pdist-token-secret"
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +47,25 @@ def auth_registry() -> Iterator[LocalRegistry]:
     skip_without_registry()
     with LocalRegistry(htpasswd={AUTH_USER: AUTH_PASSWORD}) as reg:
         yield reg
+
+
+@pytest.fixture(scope="session")
+def token_registry() -> Iterator[TokenRegistry]:
+    """A registry with Bearer token auth and its token server (``.registry``, ``.tokens``).
+
+    ``TOKEN_USER``/``TOKEN_PASSWORD`` get pull+push; anonymous callers get pull only.
+    ``tokens.expires_in``/``strict_expiry`` are shared session state: restore them if changed.
+    """
+    skip_without_registry()
+    pytest.importorskip("cryptography", reason="token tests need the cryptography package")
+    from tests.tokenserver import open_token_registry
+
+    with open_token_registry(users={TOKEN_USER: TOKEN_PASSWORD}) as tr:
+        yield tr
+
+
+@pytest.fixture
+def fault_proxy(registry: LocalRegistry) -> Iterator[FaultProxy]:
+    """A fresh FaultProxy (no faults set) in front of the anonymous ``registry``."""
+    with FaultProxy(registry.url) as proxy:
+        yield proxy

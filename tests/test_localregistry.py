@@ -6,6 +6,8 @@ import gzip
 import io
 import json
 import tarfile
+import time
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -21,9 +23,13 @@ from bench.image import (
     push_index,
     sha256,
 )
-from bench.localregistry import LocalRegistry
-from tests.conftest import AUTH_PASSWORD, AUTH_USER
+from bench.localregistry import LocalRegistry, free_port
+from tests.conftest import AUTH_PASSWORD, AUTH_USER, TOKEN_PASSWORD, TOKEN_USER
+from tests.faultproxy import FaultProxy
 from tests.helpers import PushedImage, requires_registry
+
+if TYPE_CHECKING:
+    from tests.tokenserver import TokenRegistry
 
 ACCEPT = ", ".join([DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX])
 
@@ -145,3 +151,170 @@ def test_registry_on_other_loopback_address_and_stops() -> None:
 def test_non_loopback_address_refused() -> None:
     with pytest.raises(ValueError, match="loopback"):
         LocalRegistry(addr="10.0.0.1")
+
+
+# -- FaultProxy ---------------------------------------------------------------------------
+
+
+def _blob_url(base: str, pushed: PushedImage, index: int = 0) -> str:
+    return f"{base}/v2/{pushed.repo}/blobs/{pushed.image.layer_digests[index]}"
+
+
+@requires_registry
+def test_proxy_passes_through_head_get_range(
+    fault_proxy: FaultProxy, pushed_image: PushedImage
+) -> None:
+    layer = pushed_image.image.layers[0]
+    url = _blob_url(fault_proxy.url, pushed_image)
+    with httpx.Client(trust_env=False) as client:
+        head = client.head(url)
+        assert head.status_code == 200
+        assert int(head.headers["Content-Length"]) == len(layer)
+        assert head.headers["Docker-Content-Digest"] == pushed_image.image.layer_digests[0]
+        full = client.get(url)
+        assert full.status_code == 200 and full.content == layer
+        part = client.get(url, headers={"Range": "bytes=100-199"})
+        assert part.status_code == 206
+        assert part.headers["Content-Range"] == f"bytes 100-199/{len(layer)}"
+        assert part.content == layer[100:200]
+    assert fault_proxy.count("GET", "/blobs/") == 2
+    assert fault_proxy.count("HEAD") == 1
+    assert fault_proxy.count() == 3
+
+
+@requires_registry
+def test_proxy_fail_and_rate_limit(fault_proxy: FaultProxy, pushed_image: PushedImage) -> None:
+    url = _blob_url(fault_proxy.url, pushed_image)
+    fault_proxy.fail_next(2, status=503)
+    fault_proxy.rate_limit_next(1, retry_after=7)
+    with httpx.Client(trust_env=False) as client:
+        statuses = [client.get(url) for _ in range(4)]
+    assert [r.status_code for r in statuses] == [503, 503, 429, 200]
+    assert statuses[2].headers["Retry-After"] == "7"
+    assert statuses[3].content == pushed_image.image.layers[0]
+    assert fault_proxy.count("GET") == 4
+    assert [r.fault for r in fault_proxy.records()] == ["fail", "fail", "rate_limit", None]
+
+
+@requires_registry
+def test_proxy_fail_match_only_hits_matching_requests(
+    fault_proxy: FaultProxy, pushed_image: PushedImage
+) -> None:
+    fault_proxy.fail_next(1, status=500, match="/blobs/")
+    with httpx.Client(base_url=fault_proxy.url, trust_env=False) as client:
+        assert client.get("/v2/").status_code == 200
+        assert client.get(_blob_url("", pushed_image)).status_code == 500
+        assert client.get(_blob_url("", pushed_image)).status_code == 200
+
+
+@requires_registry
+def test_proxy_flips_a_byte_and_keeps_length(
+    fault_proxy: FaultProxy, pushed_image: PushedImage
+) -> None:
+    layer = pushed_image.image.layers[1]
+    fault_proxy.flip_byte_in_blobs = True
+    resp = httpx.get(_blob_url(fault_proxy.url, pushed_image, 1), trust_env=False)
+    assert resp.status_code == 200
+    assert len(resp.content) == len(layer)
+    assert sum(a != b for a, b in zip(resp.content, layer, strict=True)) == 1
+    assert sha256(resp.content) != pushed_image.image.layer_digests[1]
+
+
+@requires_registry
+def test_proxy_cut_blob_body(fault_proxy: FaultProxy, pushed_image: PushedImage) -> None:
+    fault_proxy.cut_blobs_after = 1000
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(_blob_url(fault_proxy.url, pushed_image), trust_env=False)
+
+
+@requires_registry
+def test_proxy_redirects_blobs_to_second_host(
+    registry: LocalRegistry, pushed_image: PushedImage
+) -> None:
+    with (
+        FaultProxy(registry.url) as front,
+        FaultProxy(registry.url, addr="127.0.0.2") as cdn,
+    ):
+        front.redirect_blobs_to = cdn.url
+        url = _blob_url(front.url, pushed_image)
+        with httpx.Client(trust_env=False, follow_redirects=True) as client:
+            resp = client.get(url, auth=("someone", "secret"))
+        assert resp.status_code == 200 and resp.content == pushed_image.image.layers[0]
+        assert cdn.host.startswith("127.0.0.2:")
+        assert front.records()[0].status == 307 and front.saw_authorization()
+        assert cdn.count("GET", "/blobs/") == 1
+        # httpx drops Authorization on a redirect to another origin, as a client must.
+        assert not cdn.saw_authorization()
+
+
+@requires_registry
+def test_proxy_forwards_uploads(fault_proxy: FaultProxy) -> None:
+    image = make_image(size=300 << 10, layers=2, seed=21)
+    push_image(fault_proxy.url, "test/viaproxy", "v1", image)
+    assert fault_proxy.count("PUT", "/manifests/v1") == 1
+    assert fault_proxy.count("POST", "/blobs/uploads/") == 3
+    # The upload Location pointed back at the proxy (Host header was kept).
+    assert fault_proxy.count("PUT", "/blobs/uploads/") == 3
+
+
+def test_proxy_answers_502_when_upstream_is_down() -> None:
+    port = free_port()
+    with FaultProxy(f"http://127.0.0.1:{port}") as proxy:
+        resp = httpx.get(f"{proxy.url}/v2/", trust_env=False)
+    assert resp.status_code == 502
+
+
+# -- TokenServer --------------------------------------------------------------------------
+
+
+@requires_registry
+def test_token_flow_push_pull(token_registry: TokenRegistry) -> None:
+    tr = token_registry
+    image = make_image(size=200 << 10, layers=1, seed=31)
+    push_image(tr.url, "test/tok", "v1", image, auth=lambda: tr.push_token("test/tok"))
+    manifest_url = f"{tr.url}/v2/test/tok/manifests/v1"
+    with httpx.Client(trust_env=False, headers={"Accept": DOCKER_MANIFEST}) as client:
+        challenge = client.get(manifest_url)
+        assert challenge.status_code == 401
+        www = challenge.headers["WWW-Authenticate"]
+        assert www.startswith(f'Bearer realm="{tr.tokens.realm}"')
+        assert 'scope="repository:test/tok:pull"' in www
+        before = tr.tokens.token_requests
+        params = {"service": "p2pdist-test", "scope": "repository:test/tok:pull,push"}
+        anon = client.get(tr.tokens.realm, params=params).json()
+        assert tr.tokens.token_requests == before + 1
+        assert tr.tokens.requests[-1].access == [
+            {"type": "repository", "name": "test/tok", "actions": ["pull"]}
+        ]
+        bearer = {"Authorization": f"Bearer {anon['token']}"}
+        pulled = client.get(manifest_url, headers=bearer)
+        assert pulled.status_code == 200 and sha256(pulled.content) == image.manifest_digest
+        assert (
+            client.post(f"{tr.url}/v2/test/tok/blobs/uploads/", headers=bearer).status_code == 401
+        )
+        user = client.get(tr.tokens.realm, params=params, auth=(TOKEN_USER, TOKEN_PASSWORD))
+        assert user.status_code == 200
+        bearer = {"Authorization": f"Bearer {user.json()['token']}"}
+        assert (
+            client.post(f"{tr.url}/v2/test/tok/blobs/uploads/", headers=bearer).status_code == 202
+        )
+        bad = client.get(tr.tokens.realm, params=params, auth=(TOKEN_USER, "wrong"))
+        assert bad.status_code == 401
+
+
+@requires_registry
+def test_token_strict_expiry() -> None:
+    pytest.importorskip("cryptography", reason="token tests need the cryptography package")
+    from tests.tokenserver import open_token_registry
+
+    image = make_image(size=1024, layers=1, seed=41)
+    with open_token_registry(expires_in=2, strict_expiry=True) as tr:
+        push_image(tr.url, "test/exp", "v1", image, auth=lambda: tr.push_token("test/exp"))
+        params = {"service": "p2pdist-test", "scope": "repository:test/exp:pull"}
+        body = httpx.get(tr.tokens.realm, params=params, trust_env=False).json()
+        assert body["expires_in"] == 2
+        headers = {"Authorization": f"Bearer {body['token']}", "Accept": DOCKER_MANIFEST}
+        url = f"{tr.url}/v2/test/exp/manifests/v1"
+        assert httpx.get(url, headers=headers, trust_env=False).status_code == 200
+        time.sleep(3.1)
+        assert httpx.get(url, headers=headers, trust_env=False).status_code == 401
