@@ -662,3 +662,22 @@ async def test_mock_cancellation_is_not_swallowed() -> None:
         await reg.ping()
     assert scope.cancelled_caught
     await reg.aclose()
+
+
+def test_make_http_client_tls_options(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="CA file"):
+        make_http_client(ca_file=str(tmp_path / "missing.pem"))
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError):
+        make_http_client(ca_file=str(bad))
+    # insecure and default both construct (no network).
+    make_http_client(insecure=True)
+    make_http_client()
+
+
+def test_registry_client_repr_hides_secrets() -> None:
+    cfg = RegistryConfig(host="127.0.0.1:5999", username="u", password="pw-123", token="tk-456")
+    reg = RegistryClient(cfg, docker_config=Path("/nonexistent/config.json"))
+    text = repr(reg) + repr(reg._auth) + repr(cfg)
+    assert "pw-123" not in text and "tk-456" not in text

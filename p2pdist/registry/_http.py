@@ -10,6 +10,7 @@ credentials or tokens.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -41,6 +42,8 @@ __all__ = [
     "safe_url",
     "status_error",
 ]
+
+log = logging.getLogger("p2pdist.registry")
 
 USER_AGENT = "p2pdist/0.1"
 MAX_REDIRECTS = 5
@@ -239,7 +242,9 @@ async def open_response(
                 raise NetworkError(
                     f"{what}: {_transport_msg(exc)} (after {attempt + 1} attempts)"
                 ) from exc
-            await trio.sleep(retry.delay(attempt))
+            delay = retry.delay(attempt)
+            log.info("%s: %s; retry in %.2fs", what, _transport_msg(exc), delay)
+            await trio.sleep(delay)
             attempt += 1
             continue
         status = response.status_code
@@ -263,7 +268,9 @@ async def open_response(
                 raise UpstreamError(
                     f"{what}: HTTP {status} (after {attempt + 1} attempts{hint})", status=status
                 )
-            await trio.sleep(retry.delay(attempt, retry_after=retry_after))
+            delay = retry.delay(attempt, retry_after=retry_after)
+            log.info("%s: HTTP %d; retry in %.2fs", what, status, delay)
+            await trio.sleep(delay)
             attempt += 1
             continue
         return response
