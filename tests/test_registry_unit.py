@@ -681,3 +681,5 @@ def test_registry_client_repr_hides_secrets() -> None:
     reg = RegistryClient(cfg, docker_config=Path("/nonexistent/config.json"))
     text = repr(reg) + repr(reg._auth) + repr(cfg)
     assert "pw-123" not in text and "tk-456" not in text
+    with pytest.raises(ConfigError, match="platform"):
+        RegistryClient(cfg, platform="amd64")

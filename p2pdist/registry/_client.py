@@ -15,6 +15,7 @@ import trio
 from ..config import RegistryConfig, is_loopback_host
 from ..digest import Digest, sha256_digest
 from ..errors import (
+    ConfigError,
     DigestMismatch,
     InvalidDigest,
     InvalidReference,
@@ -49,6 +50,7 @@ from ._manifest import (
     ImageManifest,
     Manifest,
     parse_manifest,
+    parse_platform,
     select_platform,
 )
 from ._retry import RetryPolicy
@@ -266,6 +268,10 @@ class RegistryClient:
         max_connections: int = 32,
         retry: RetryPolicy | None = None,
     ) -> None:
+        try:
+            parse_platform(platform)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._config = config
         self._base = config.base_url
         self.platform = platform
