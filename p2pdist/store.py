@@ -8,6 +8,8 @@ Layout under the data dir ``root``::
     root/tasks/<alg>/<hex>/data             the blob's bytes, preallocated to ``size``
     root/tasks/<alg>/<hex>/journal          append-only records of verified pieces
     root/tasks/<alg>/<hex>.lock             flock(2)ed by the one Task that owns the task
+                                            (kept while the task is partial, removed
+                                            with the task)
     root/tmp/                               task dirs being discarded (renamed here, then
                                             deleted; leftovers are removed at start-up)
 
@@ -608,7 +610,11 @@ class Task:
         ``expected_sha256`` (nothing is written then), ``IndexError`` for an index out of
         range, and StoreFull/StorePermission/StoreError on I/O errors (the piece is then
         not recorded).  Rewriting a verified piece is a no-op returning its recorded hash
-        (or PieceMismatch if ``expected_sha256`` differs from it).
+        (or PieceMismatch if ``expected_sha256`` differs from it); its data is then only
+        checked for length, never hashed or written.
+
+        Blocking (hashing, ``pwrite``): call it from a worker thread
+        (``trio.to_thread.run_sync``); several threads may write pieces at once.
         """
         length = self.plan.length(index)
         mv = memoryview(data).cast("B")

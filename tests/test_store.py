@@ -762,3 +762,15 @@ def test_close_waits_for_concurrent_writers(tmp_path: Path) -> None:
         for i in range(32):
             if again.is_verified(i):
                 assert again.read_piece(i) == piece(data, again, i)
+
+
+def test_durable_mode_round_trip(tmp_path: Path) -> None:
+    data = blob(5000, seed=41)
+    digest = sha256_digest(data)
+    store = PieceStore(tmp_path, durable=True)
+    with store.open_task(digest, len(data), 1000) as task:
+        write_all(task, data, [4, 0, 2])
+    with PieceStore(tmp_path, durable=True).open_task(digest, len(data), 1000) as task:
+        assert task.missing() == [1, 3]
+        write_all(task, data, [3, 1])
+        assert task.commit().read_bytes() == data
