@@ -296,7 +296,7 @@ class PieceStore:
                 )
             task = Task(self, digest, plan, lock)
         except BaseException:
-            lock.release()
+            lock.release(unlink=not self._task_dir(digest).exists())
             raise
         with self._open_lock:
             self._open[digest] = task

@@ -580,6 +580,7 @@ def test_enospc_at_open_with_preallocation(tmp_path: Path) -> None:
             store.open_task(digest, len(data), 1024 * 1024)
         assert store.list_tasks() == []
         assert not task_dir(mnt / "store", digest).exists()
+        assert list((mnt / "store" / "tasks" / "sha256").iterdir()) == []
         # still usable for what fits
         small = blob(100_000, seed=31)
         with store.open_task(sha256_digest(small), len(small), 10_000) as task:
