@@ -26,6 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp.add_argument("--concurrency", type=int, default=None)
     cmp.add_argument("--piece-size", default=None)
     cmp.add_argument("--out", default="bench-out", help="directory for result.json")
+    cmp.add_argument(
+        "--settle", type=float, default=5.0, help="pause before each timed run, s (default 5)"
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -40,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency=args.concurrency,
             piece_size=args.piece_size,
             out=args.out,
+            settle=args.settle,
         )
     return 2
 

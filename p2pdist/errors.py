@@ -155,9 +155,8 @@ class collapse_groups:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, typ: object, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, typ: object, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, BaseExceptionGroup):
             leaves = _leaves(exc)
             if leaves and all(isinstance(e, P2PDistError) for e in leaves):
                 raise leaves[0] from None
-        return False

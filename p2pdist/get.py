@@ -88,28 +88,34 @@ def _umask() -> int:
     return mask
 
 
-def _place(src: Path, output: str) -> None:
-    """Copy a verified file to ``output`` atomically (in-kernel copy where possible)."""
-    with _atomic_output(output) as (out, _), open(src, "rb") as inp:
-        shutil.copyfileobj(inp, out, 1 << 20) if output == "-" else _copy_fd(inp, out)
+def _cat(path: Path) -> None:
+    with open(path, "rb") as inp:
+        shutil.copyfileobj(inp, sys.stdout.buffer, 1 << 20)
+    sys.stdout.buffer.flush()
 
 
-def _copy_fd(inp: BinaryIO, out: BinaryIO) -> None:
-    size = os.fstat(inp.fileno()).st_size
-    offset = 0
+def _place(store: PieceStore, digest: Digest, src: Path, output: str) -> None:
+    """Put a verified blob at ``output`` atomically: a hard link to the store's read-only
+    copy when on the same filesystem (no second write of the bytes), else a copy."""
+    if output == "-":
+        _cat(src)
+        return
+    target = Path(output)
+    if target.is_dir():
+        raise UsageError(f"output {output!r} is a directory")
+    directory = target.parent
+    if not directory.is_dir():
+        raise UsageError(f"output directory {str(directory)!r} does not exist")
+    tmp = directory / f".{target.name}.{os.getpid()}.{id(src):x}.part"
     try:
-        while offset < size:
-            n = os.copy_file_range(inp.fileno(), out.fileno(), size - offset, offset, offset)
-            if n == 0:
-                break
-            offset += n
-    except OSError:
-        offset = 0
-    if offset < size:
-        inp.seek(0)
-        out.seek(0)
-        out.truncate()
-        shutil.copyfileobj(inp, out, 4 << 20)
+        store.export(digest, tmp)
+        os.replace(tmp, target)
+    except PermissionError:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write to {str(directory)!r}: permission denied") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _say(req: GetRequest, text: str) -> None:
@@ -132,7 +138,21 @@ def _summary(req: GetRequest, what: str, digest: Digest | None, stats: DownloadS
     _say(req, f"{what} {digest if digest else ''} verified, {detail}".replace("  ", " "))
 
 
+def _check_output(output: str) -> None:
+    """Refuse an unusable ``-O`` before anything is downloaded."""
+    if output == "-":
+        return
+    target = Path(output)
+    if target.is_dir():
+        raise UsageError(f"output {output!r} is a directory")
+    if not target.parent.is_dir():
+        raise UsageError(f"output directory {str(target.parent)!r} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise UsageError(f"cannot write to {str(target.parent)!r}: permission denied")
+
+
 async def run_get(req: GetRequest, config: NodeConfig) -> None:
+    _check_output(req.output)
     if _is_url(req.target):
         await _get_url(req, config)
         return
@@ -194,7 +214,7 @@ async def _get_blob(req: GetRequest, config: NodeConfig, ref: Reference) -> None
         finally:
             if bar is not None:
                 bar.close()
-    await trio.to_thread.run_sync(_place, path, req.output)
+    await trio.to_thread.run_sync(_place, store, ref.digest, path, req.output)
     _summary(req, "blob", ref.digest, stats)
 
 
@@ -215,7 +235,7 @@ async def _get_url(req: GetRequest, config: NodeConfig) -> None:
                     concurrency=config.concurrency,
                     progress=bar,
                 )
-                await trio.to_thread.run_sync(_place, path, req.output)
+                await trio.to_thread.run_sync(_place, store, req.digest, path, req.output)
                 _summary(req, "file", req.digest, stats)
             else:
                 await _get_url_unverified(req, config, source, bar)
@@ -241,7 +261,7 @@ async def _get_url_unverified(
             source, sink, info=info, concurrency=config.concurrency, progress=bar
         )
         if req.output == "-":
-            await trio.to_thread.run_sync(_place, path, req.output)
+            await trio.to_thread.run_sync(_cat, path)
             path.unlink()
         else:
             os.chmod(path, 0o644 & ~_umask())

@@ -266,6 +266,46 @@ class PieceStore:
         path = self._blob_file(digest)
         return path if path.is_file() else None
 
+    def checked_blob_path(self, digest: Digest) -> Path | None:
+        """Like :meth:`blob_path`, but a blob that shares its inode with an export (a hard
+        link outside the store, which its owner could have written to) is re-hashed first;
+        one that no longer matches its digest is removed and ``None`` returned."""
+        path = self._blob_file(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _store_error(exc, "stat", path) from None
+        if st.st_nlink <= 1:
+            return path
+        h = digest.hasher()
+        with _mapped("read", path), open(path, "rb") as f:
+            while block := f.read(4 << 20):
+                h.update(block)
+        if h.hexdigest() == digest.hex:
+            return path
+        with _mapped("remove corrupt blob", path):
+            path.unlink(missing_ok=True)
+        return None
+
+    def export(self, digest: Digest, dest: Path) -> None:
+        """Put the complete blob at the new path ``dest``: a hard link when ``dest`` is on
+        the store's filesystem (no second copy of the bytes), else a copy (in-kernel where
+        possible).  ``dest`` must not exist.  The link is read-only like the blob; a later
+        :meth:`checked_blob_path` re-verifies a blob whose inode is shared."""
+        src = self._blob_file(digest)
+        try:
+            os.link(src, dest)
+            return
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest} is not in the store at {src}") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise _store_error(exc, "link", dest) from None
+        with _mapped("copy blob to", dest):
+            _copy_file(src, dest)
+
     # -- tasks ---------------------------------------------------------------------------
 
     def open_task(self, digest: Digest, size: int, piece_size: int) -> Task:
@@ -859,6 +899,9 @@ class Task:
             with _mapped("create directory", dest.parent):
                 dest.parent.mkdir(parents=True, exist_ok=True)
             with _mapped("move blob into place at", dest):
+                # Read-only: a blob's bytes never change once verified (exports may be
+                # hard links, see PieceStore.export).
+                os.fchmod(data_fd, 0o444)
                 os.rename(self.data_path, dest)
                 _fsync_dir(dest.parent)
         except StoreError:
@@ -921,3 +964,23 @@ class Task:
             f"<Task {self.digest} {self._verified_count}/{self.plan.count} pieces"
             f"{' closed' if self._closed else ''}>"
         )
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    """Copy ``src`` to the new file ``dest`` (copy_file_range, falling back to read/write)."""
+    with open(src, "rb") as inp, open(dest, "xb") as out:
+        size = os.fstat(inp.fileno()).st_size
+        done = 0
+        try:
+            while done < size:
+                n = os.copy_file_range(inp.fileno(), out.fileno(), size - done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+        if done < size:
+            inp.seek(done)
+            out.seek(done)
+            shutil.copyfileobj(inp, out, 4 << 20)

@@ -72,6 +72,7 @@ def biggest_layer(image: Image) -> tuple[Digest, bytes]:
 
 # -- manifests ---------------------------------------------------------------------------
 
+
 async def test_manifest_by_tag_and_digest(pushed_image: PushedImage) -> None:
     img = pushed_image.image
     async with client_for(pushed_image.host) as reg:
@@ -120,14 +121,19 @@ def multi_platform(registry: LocalRegistry) -> Iterator[dict[str, Image]]:
         for i, p in enumerate(images)
     }
     push_index(registry.url, "test/multi", "oci", list(oci_images.values()), oci=True)
-    yield {**{f"list:{k}": v for k, v in images.items()}, **{f"oci:{k}": v for k, v in
-                                                            oci_images.items()}}
+    yield {
+        **{f"list:{k}": v for k, v in images.items()},
+        **{f"oci:{k}": v for k, v in oci_images.items()},
+    }
 
 
-@pytest.mark.parametrize("tag,index_type,manifest_type", [
-    ("list", MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST),
-    ("oci", MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST),
-])
+@pytest.mark.parametrize(
+    "tag,index_type,manifest_type",
+    [
+        ("list", MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST),
+        ("oci", MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST),
+    ],
+)
 async def test_index_resolves_to_platform(
     registry: LocalRegistry,
     multi_platform: dict[str, Image],
@@ -182,6 +188,7 @@ async def test_not_found(pushed_image: PushedImage) -> None:
 
 # -- blobs -------------------------------------------------------------------------------
 
+
 async def test_blob_ranges_in_parallel(pushed_image: PushedImage) -> None:
     digest, data = biggest_layer(pushed_image.image)
     n = 8
@@ -229,6 +236,7 @@ async def test_fetch_blob_verifies_digest(
 
 # -- retries -----------------------------------------------------------------------------
 
+
 async def test_503_twice_then_success(fault_proxy: FaultProxy, pushed_image: PushedImage) -> None:
     digest, data = biggest_layer(pushed_image.image)
     proxy = fault_proxy
@@ -268,6 +276,7 @@ async def test_connection_refused_is_network_error() -> None:
 
 # -- redirects ---------------------------------------------------------------------------
 
+
 async def test_redirect_to_other_host_drops_authorization(
     registry: LocalRegistry, pushed_image: PushedImage
 ) -> None:
@@ -276,12 +285,16 @@ async def test_redirect_to_other_host_drops_authorization(
         front.redirect_blobs_to = cdn.url
         cfg = RegistryConfig(host=front.host, token="static-secret-token")
         async with client_for(front.host, config=cfg) as reg:
-            assert await read_range(reg.blob_source(pushed_image.repo, digest), 100, 200) == (
-                data[100:200]
+            assert (
+                await read_range(reg.blob_source(pushed_image.repo, digest), 100, 200)
+                == (data[100:200])
             )
-            assert await reg.fetch_blob(
-                pushed_image.repo, Digest.parse(pushed_image.image.config_digest)
-            ) == pushed_image.image.config
+            assert (
+                await reg.fetch_blob(
+                    pushed_image.repo, Digest.parse(pushed_image.image.config_digest)
+                )
+                == pushed_image.image.config
+            )
         assert front.saw_authorization("/blobs/")
         assert cdn.count("GET", "/blobs/") == 2
         assert not cdn.saw_authorization()
@@ -289,6 +302,7 @@ async def test_redirect_to_other_host_drops_authorization(
 
 
 # -- auth --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def auth_image(auth_registry: LocalRegistry) -> Image:
@@ -304,8 +318,9 @@ async def test_basic_auth(auth_registry: LocalRegistry, auth_image: Image) -> No
         m = await reg.get_manifest("test/private", "v1")
         assert m.data == auth_image.manifest
         digest = Digest.parse(auth_image.layer_digests[0])
-        assert await read_range(reg.blob_source("test/private", digest), 0, None) == (
-            auth_image.layers[0]
+        assert (
+            await read_range(reg.blob_source("test/private", digest), 0, None)
+            == (auth_image.layers[0])
         )
 
 
@@ -390,6 +405,7 @@ async def test_bearer_anonymous_and_wrong_password(tokens: tuple[TokenRegistry, 
 
 
 # -- plain URLs --------------------------------------------------------------------------
+
 
 async def test_url_source_against_registry_blob(pushed_image: PushedImage) -> None:
     digest, data = biggest_layer(pushed_image.image)

@@ -57,6 +57,7 @@ D3 = sha256_digest(b"three")
 
 # -- WWW-Authenticate --------------------------------------------------------------------
 
+
 def test_parse_bearer_challenge() -> None:
     h = (
         'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
@@ -109,6 +110,7 @@ def test_parse_www_authenticate_never_crashes(text: str) -> None:
 
 
 # -- manifests ---------------------------------------------------------------------------
+
 
 def _desc(
     d: Digest, size: int = 3, mt: str = "application/octet-stream", **kw: Any
@@ -205,12 +207,18 @@ def _mutate(f: Callable[[dict[str, Any]], None]) -> bytes:
         _mutate(lambda d: d.update(mediaType="application/vnd.example+json")),
         json.dumps({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": "x"}).encode(),
         json.dumps(
-            {"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX,
-             "manifests": [_desc(D1, platform="linux/amd64")]}
+            {
+                "schemaVersion": 2,
+                "mediaType": MEDIA_OCI_INDEX,
+                "manifests": [_desc(D1, platform="linux/amd64")],
+            }
         ).encode(),
         json.dumps(
-            {"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX,
-             "manifests": [_desc(D1, platform={"os": "linux"})]}
+            {
+                "schemaVersion": 2,
+                "mediaType": MEDIA_OCI_INDEX,
+                "manifests": [_desc(D1, platform={"os": "linux"})],
+            }
         ).encode(),
         json.dumps({"schemaVersion": 2}).encode(),
     ],
@@ -255,12 +263,15 @@ def test_all_manifest_types() -> None:
 
 # -- platform selection ------------------------------------------------------------------
 
+
 def test_select_platform_basic() -> None:
-    idx = _index([
-        _plat(D1, "linux", "arm64", "v8"),
-        _plat(D2, "linux", "amd64"),
-        _desc(D3, mt=MEDIA_OCI_MANIFEST, platform={"os": "unknown", "architecture": "unknown"}),
-    ])
+    idx = _index(
+        [
+            _plat(D1, "linux", "arm64", "v8"),
+            _plat(D2, "linux", "amd64"),
+            _desc(D3, mt=MEDIA_OCI_MANIFEST, platform={"os": "unknown", "architecture": "unknown"}),
+        ]
+    )
     assert select_platform(idx, "linux/amd64").digest == D2
     assert select_platform(idx, "linux/arm64").digest == D1  # v8 is arm64's default
     assert select_platform(idx, "linux/arm64/v8").digest == D1
@@ -268,11 +279,13 @@ def test_select_platform_basic() -> None:
 
 
 def test_select_platform_variants() -> None:
-    idx = _index([
-        _plat(D1, "linux", "arm", "v6"),
-        _plat(D2, "linux", "arm", "v7"),
-        _plat(D3, "linux", "arm64"),
-    ])
+    idx = _index(
+        [
+            _plat(D1, "linux", "arm", "v6"),
+            _plat(D2, "linux", "arm", "v7"),
+            _plat(D3, "linux", "arm64"),
+        ]
+    )
     assert select_platform(idx, "linux/arm/v6").digest == D1
     assert select_platform(idx, "linux/arm/v7").digest == D2
     assert select_platform(idx, "linux/arm").digest == D2  # v7 is arm's default
@@ -299,6 +312,7 @@ def test_select_platform_missing() -> None:
 
 
 # -- retry schedule ----------------------------------------------------------------------
+
 
 def test_retry_schedule_bounds() -> None:
     p = RetryPolicy(attempts=6, base=0.2, cap=1.0)
@@ -342,6 +356,7 @@ def test_parse_retry_after() -> None:
 
 
 # -- credentials -------------------------------------------------------------------------
+
 
 def _write_config(tmp_path: Path, auths: dict[str, Any]) -> Path:
     path = tmp_path / "config.json"
@@ -414,6 +429,7 @@ def test_credentials_repr_hides_secrets() -> None:
 
 # -- tokens ------------------------------------------------------------------------------
 
+
 def test_token_response() -> None:
     assert parse_token_response(b'{"token": "a", "expires_in": 300}') == ("a", 300.0)
     assert parse_token_response(b'{"access_token": "b"}') == ("b", 60.0)
@@ -464,6 +480,8 @@ def R(
         content = _json_dumps(json).encode()
     hdrs = {"Content-Length": str(len(content)), **(headers or {})}
     return httpx.Response(status, headers=hdrs, stream=httpx.ByteStream(content))
+
+
 FAST = RetryPolicy(attempts=4, base=0.0, cap=0.0)
 
 
@@ -490,14 +508,16 @@ async def test_mock_bearer_flow_caches_token() -> None:
         if req.headers.get("authorization") != "Bearer T1":
             return R(
                 401,
-                headers={"WWW-Authenticate": 'Bearer realm="http://127.0.0.1:5999/token",'
-                         'service="reg",scope="repository:app:pull"'},
+                headers={
+                    "WWW-Authenticate": 'Bearer realm="http://127.0.0.1:5999/token",'
+                    'service="reg",scope="repository:app:pull"'
+                },
             )
         return R(200, headers={"Content-Length": "7"}, content=b"1234567")
 
-    async with _client(handler, config=RegistryConfig(
-        host="127.0.0.1:5999", username="u", password="pw"
-    )) as reg:
+    async with _client(
+        handler, config=RegistryConfig(host="127.0.0.1:5999", username="u", password="pw")
+    ) as reg:
         for _ in range(3):
             assert await reg.blob_size("app", D1) == 7
     assert len(token_calls) == 1
@@ -511,9 +531,9 @@ async def test_mock_basic_wrong_password() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
         return R(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
 
-    async with _client(handler, config=RegistryConfig(
-        host="127.0.0.1:5999", username="u", password="secretpw"
-    )) as reg:
+    async with _client(
+        handler, config=RegistryConfig(host="127.0.0.1:5999", username="u", password="secretpw")
+    ) as reg:
         with pytest.raises(Unauthorized) as info:
             await reg.ping()
     assert "secretpw" not in str(info.value) and "credentials refused" in str(info.value)
@@ -548,9 +568,7 @@ async def test_mock_404_names_code_and_is_not_retried() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
         nonlocal calls
         calls += 1
-        return R(
-            404, json={"errors": [{"code": "MANIFEST_UNKNOWN", "message": "x\ny"}]}
-        )
+        return R(404, json={"errors": [{"code": "MANIFEST_UNKNOWN", "message": "x\ny"}]})
 
     async with _client(handler) as reg:
         with pytest.raises(NotFound) as info:

@@ -94,6 +94,7 @@ class Index(Manifest):
 
 # -- platforms ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Platform:
     os: str
@@ -171,6 +172,7 @@ def select_platform(index: Index, platform: str) -> Descriptor:
 
 
 # -- parsing -----------------------------------------------------------------------------
+
 
 def _bad(msg: str) -> ManifestInvalid:
     return ManifestInvalid(f"invalid manifest: {msg}")
