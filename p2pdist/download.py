@@ -33,6 +33,7 @@ __all__ = [
     "DownloadStats",
     "FileSink",
     "PieceSink",
+    "SourceFetcher",
     "download",
     "download_blob",
     "plan_spans",
@@ -157,22 +158,29 @@ def _mkstemp(directory: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=".p2pdist-", suffix=".part", dir=directory)
 
 
-class _Engine:
+class SourceFetcher:
+    """Fetches pieces of one blob from a :class:`Source` into a :class:`PieceSink`: runs of
+    consecutive pieces, one range request each, ``concurrency`` at a time.  ``on_piece``
+    is called with ``(index, sha256 hex)`` as each piece is stored (the swarm publishes
+    these hashes to the scheduler)."""
+
     def __init__(
         self,
         source: Source,
         sink: PieceSink,
         *,
         concurrency: int,
-        progress: ProgressFn | None,
-        stats: DownloadStats,
+        progress: ProgressFn | None = None,
+        stats: DownloadStats | None = None,
+        on_piece: Callable[[int, str], None] | None = None,
     ) -> None:
+        self.on_piece = on_piece
         self.source = source
         self.sink = sink
         self.plan = sink.plan
         self.concurrency = concurrency
         self.progress = progress
-        self.stats = stats
+        self.stats = stats if stats is not None else DownloadStats(size=sink.plan.size)
         # Bound the piece buffers waiting for (or in) a worker thread: memory stays at
         # about 2 × concurrency × piece size whatever the network and disk do.
         self.buffers = trio.Semaphore(max(2, 2 * concurrency))
@@ -188,7 +196,11 @@ class _Engine:
     async def _store(self, index: int, buf: bytearray) -> None:
         try:
             data = memoryview(buf)[: self.plan.length(index)]
-            await trio.to_thread.run_sync(self.sink.write_piece, index, data, limiter=self.threads)
+            sha = await trio.to_thread.run_sync(
+                self.sink.write_piece, index, data, limiter=self.threads
+            )
+            if self.on_piece is not None:
+                self.on_piece(index, sha)
         finally:
             # The sink only borrows the buffer for the call: it can be reused now.
             self.pool.give(buf)
@@ -229,7 +241,10 @@ class _Engine:
                 await trio.sleep(min(2.0, 0.1 * 2**attempt))
 
     async def run_ranged(self) -> None:
-        spans = plan_spans(self.sink.missing(), self.concurrency)
+        await self.fetch_spans(plan_spans(self.sink.missing(), self.concurrency))
+
+    async def fetch_spans(self, spans: Sequence[list[int]]) -> None:
+        """Fetch the given runs of consecutive pieces, ``concurrency`` requests at a time."""
         queue = iter(spans)
 
         async def worker(writers: trio.Nursery) -> None:
@@ -370,7 +385,7 @@ async def download(
     stats = DownloadStats(size=sink.plan.size)
     missing = sink.missing()
     stats.reused = sink.plan.size - sum(sink.plan.length(i) for i in missing)
-    engine = _Engine(source, sink, concurrency=concurrency, progress=progress, stats=stats)
+    engine = SourceFetcher(source, sink, concurrency=concurrency, progress=progress, stats=stats)
     started = time.perf_counter()
     if missing:
         if info.accepts_ranges and concurrency > 1:

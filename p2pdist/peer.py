@@ -1,0 +1,198 @@
+"""The peer protocol: how daemons hand each other verified pieces.
+
+One endpoint on the peer server::
+
+    GET /peer/v1/blobs/<digest>/pieces/<index>?piece_size=<bytes>
+
+answers the bytes of piece ``index`` of blob ``digest`` cut with ``piece_size`` — only if
+this node has verified that piece (404 otherwise; 409 when the node's piece plan for the
+blob differs).  When the request says ``Accept-Encoding: zstd`` and the piece compresses
+(uncompressed tar layers, configs, plain files; not gzip layers), it is sent
+zstd-compressed with ``Content-Encoding: zstd``; otherwise it is sent raw with
+``sendfile``.  The receiver decompresses (bounded to the piece length) and checks the
+**sha256 of the decompressed bytes** against the task's piece-hash list before storing
+them, so a parent can neither corrupt nor inflate what it sends.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+import zstandard
+
+from .digest import Digest
+from .errors import NetworkError, P2PDistError
+from .pieces import PiecePlan
+
+__all__ = [
+    "PIECE_PATH",
+    "CompressionCache",
+    "PeerError",
+    "PieceLocation",
+    "compress_if_worth_it",
+    "decompress_piece",
+    "fetch_piece",
+    "parse_piece_path",
+    "piece_url",
+    "read_location",
+]
+
+PIECE_PATH = "/peer/v1/blobs/{digest}/pieces/{index}"
+_SAMPLE = 64 * 1024
+_WORTH_IT = 0.90  # send compressed only when it saves at least 10%
+ZSTD_LEVEL = 1
+
+
+class PeerError(NetworkError):
+    """A parent could not give us a piece (refused, unreachable, malformed answer)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class PieceLocation:
+    """Where a verified piece's bytes are on this node's disk."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def piece_url(parent_addr: str, digest: Digest, index: int, piece_size: int) -> str:
+    path = PIECE_PATH.format(digest=digest, index=index)
+    return f"http://{parent_addr}{path}?piece_size={piece_size}"
+
+
+def parse_piece_path(path: str) -> tuple[Digest, int] | None:
+    """``(digest, index)`` from a piece path, None when the path is not one; raises
+    :class:`InvalidDigest` / ``ValueError`` for a malformed one."""
+    parts = path.split("/")
+    # ["", "peer", "v1", "blobs", digest, "pieces", index]
+    if len(parts) != 7 or parts[1:4] != ["peer", "v1", "blobs"] or parts[5] != "pieces":
+        return None
+    digest = Digest.parse(parts[4])
+    if not parts[6].isdigit() or len(parts[6]) > 9:
+        raise ValueError(f"invalid piece index {parts[6][:20]!r}")
+    return digest, int(parts[6])
+
+
+class CompressionCache:
+    """Compressed pieces, or the verdict that a piece does not compress, for the pieces
+    most recently asked for: a piece usually goes to several children in a row."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self._max = max_bytes
+        self._used = 0
+        self._items: OrderedDict[tuple[str, int, int], bytes | None] = OrderedDict()
+        self._lock = threading.Lock()
+        self.saved_bytes = 0
+
+    def get_or_compress(self, key: tuple[str, int, int], read: Callable[[], bytes]) -> bytes | None:
+        """The zstd frame for the piece, or None when it is not worth compressing.
+        Blocking: call it in a worker thread."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        data = read()
+        result = compress_if_worth_it(data)
+        with self._lock:
+            self._items[key] = result
+            self._used += len(result) if result else 0
+            while self._used > self._max and self._items:
+                _, old = self._items.popitem(last=False)
+                self._used -= len(old) if old else 0
+        return result
+
+
+def compress_if_worth_it(data: bytes) -> bytes | None:
+    """zstd-compress ``data`` when that saves at least 10%; a 64 KiB sample decides first,
+    so incompressible (gzip) pieces cost almost nothing."""
+    if len(data) < 4096:
+        return None
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    sample = data[:_SAMPLE]
+    if len(cctx.compress(sample)) > _WORTH_IT * len(sample):
+        return None
+    frame = cctx.compress(data)
+    return frame if len(frame) <= _WORTH_IT * len(data) else None
+
+
+def decompress_piece(frame: bytes, length: int) -> bytes:
+    """Decompress a zstd piece, refusing to produce more than ``length`` bytes."""
+    try:
+        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=length)
+    except zstandard.ZstdError as exc:
+        raise PeerError(f"bad zstd piece: {exc}") from None
+    if len(out) != length:
+        raise PeerError(f"zstd piece decompressed to {len(out)} bytes, expected {length}")
+    return out
+
+
+async def fetch_piece(
+    client: httpx.AsyncClient,
+    parent_addr: str,
+    digest: Digest,
+    index: int,
+    plan: PiecePlan,
+    *,
+    accept_zstd: bool = True,
+) -> tuple[bytes, int]:
+    """Fetch piece ``index`` from a parent: ``(piece bytes, bytes on the wire)``.
+
+    The bytes are NOT verified here: the caller checks them against the piece-hash list
+    (``Task.write_piece(..., expected_sha256=...)``) before anything else sees them."""
+    length = plan.length(index)
+    url = piece_url(parent_addr, digest, index, plan.piece_size)
+    headers = {"Accept-Encoding": "zstd, identity" if accept_zstd else "identity"}
+    try:
+        async with client.stream("GET", url, headers=headers) as resp:
+            if resp.status_code != 200:
+                raise PeerError(
+                    f"parent {parent_addr} answered {resp.status_code} for piece {index}",
+                    status=resp.status_code,
+                )
+            encoding = resp.headers.get("content-encoding", "identity").lower()
+            if encoding not in ("identity", "zstd"):
+                raise PeerError(f"parent {parent_addr} sent unknown encoding {encoding!r}")
+            limit = length if encoding == "identity" else length + length // 8 + 1024
+            buf = bytearray()
+            async for chunk in resp.aiter_raw():
+                buf += chunk
+                if len(buf) > limit:
+                    raise PeerError(f"parent {parent_addr} sent more than piece {index} holds")
+    except httpx.TransportError as exc:
+        raise PeerError(f"parent {parent_addr}: {type(exc).__name__}") from None
+    wire = len(buf)
+    if encoding == "zstd":
+        data = await trio.to_thread.run_sync(decompress_piece, bytes(buf), length)
+        return data, wire
+    if wire != length:
+        raise PeerError(f"parent {parent_addr} sent {wire} bytes of piece {index}, not {length}")
+    return bytes(buf), wire
+
+
+def read_location(loc: PieceLocation) -> bytes:
+    """Read a piece's bytes (blocking)."""
+    fd = os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        out = bytearray(loc.length)
+        view = memoryview(out)
+        pos = 0
+        while pos < loc.length:
+            n = os.preadv(fd, [view[pos:]], loc.offset + pos)
+            if n == 0:
+                raise P2PDistError(f"{loc.path} is shorter than expected")
+            pos += n
+        return bytes(out)
+    finally:
+        os.close(fd)
