@@ -1,0 +1,327 @@
+"""The swarm download: one blob, pieces from parents and from the registry, as the
+scheduler assigns them.
+
+The loop, for one task:
+
+1. tell the scheduler we start (digest, size, piece size);
+2. ask for an assignment: pieces to fetch from named parents (with their sha256 from the
+   task's piece-hash list) and runs of pieces to fetch from the registry ourselves;
+3. fetch them in parallel — a parent's piece is checked against its hash **before** it is
+   stored (a mismatch reports the parent as bad and the piece goes back to the pool);
+   a registry piece is hashed as it is stored and its hash published;
+4. report completed pieces in batches; ask again; repeat until nothing is missing;
+5. check the whole blob's digest (``Task.commit``).  A mismatch means the piece-hash list
+   was poisoned: report it, and refetch the blob from the registry alone.
+
+If the scheduler cannot be reached the download falls back to the registry, so a pull
+never fails because the scheduler is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import httpx
+import trio
+
+from .digest import Digest
+from .download import DownloadStats, ProgressFn, SourceFetcher, download
+from .errors import DigestMismatch, NetworkError, PieceMismatch, collapse_groups
+from .peer import PeerError, fetch_piece
+from .source import Source, SourceInfo
+
+if TYPE_CHECKING:
+    from .store import Task
+
+__all__ = ["Assignment", "PeerPiece", "SchedulerLink", "SwarmStats", "swarm_download"]
+
+log = logging.getLogger("p2pdist.swarm")
+
+FailureReason = Literal["bad_hash", "error", "slow", "refused"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPiece:
+    piece: int
+    parent_id: str
+    parent_addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    piece_hashes: dict[int, str] = field(default_factory=dict)
+    from_peers: tuple[PeerPiece, ...] = ()
+    from_source: tuple[int, ...] = ()
+    retry_after: float = 0.1
+    done: bool = False
+
+
+class SchedulerLink(Protocol):
+    """What the swarm needs from the scheduler (see :mod:`p2pdist.schedclient`).  Every
+    method may raise :class:`NetworkError` when the scheduler is unreachable."""
+
+    async def start_task(self, digest: Digest, size: int, piece_size: int) -> None: ...
+
+    async def assign(self, digest: Digest, max_pieces: int) -> Assignment: ...
+
+    async def report_pieces(
+        self, digest: Digest, pieces: Sequence[int], hashes: dict[int, str] | None
+    ) -> None: ...
+
+    async def report_failure(
+        self, digest: Digest, parent_id: str, piece: int, reason: FailureReason
+    ) -> None: ...
+
+    async def complete(self, digest: Digest) -> None: ...
+
+    async def mismatch(self, digest: Digest) -> None: ...
+
+
+@dataclass(slots=True)
+class SwarmStats:
+    size: int = 0
+    from_peers: int = 0
+    """Bytes of pieces received from parents (decompressed)."""
+    peer_wire: int = 0
+    """Bytes on the wire for those (smaller when zstd paid)."""
+    from_source: int = 0
+    """Bytes received from the registry."""
+    reused: int = 0
+    seconds: float = 0.0
+    bad_pieces: int = 0
+    fallback: bool = False
+
+
+class _Swarm:
+    def __init__(
+        self,
+        task: Task,
+        source: Source,
+        link: SchedulerLink,
+        peers: httpx.AsyncClient,
+        *,
+        concurrency: int,
+        piece_timeout: float,
+        progress: ProgressFn | None,
+        stats: SwarmStats,
+    ) -> None:
+        self.task = task
+        self.plan = task.plan
+        self.digest = task.digest
+        self.source = source
+        self.link = link
+        self.peers = peers
+        self.concurrency = concurrency
+        self.piece_timeout = piece_timeout
+        self.progress = progress
+        self.stats = stats
+        self.hashes: dict[int, str] = {}
+        self.inflight: set[int] = set()
+        self.slots = trio.Semaphore(concurrency)
+        self.changed = trio.Event()
+        self.pending_report: list[int] = []
+        self.pending_hashes: dict[int, str] = {}
+        self.report_wanted = trio.Event()
+
+    def _progressed(self) -> None:
+        if self.progress is not None:
+            self.progress(self.task.verified_bytes, self.plan.size)
+        self.changed.set()
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def _record(self, index: int, sha: str | None) -> None:
+        self.pending_report.append(index)
+        if sha is not None:
+            self.pending_hashes[index] = sha
+        self.report_wanted.set()
+
+    async def _flush_reports(self) -> None:
+        if not self.pending_report:
+            return
+        pieces, self.pending_report = self.pending_report, []
+        hashes, self.pending_hashes = self.pending_hashes, {}
+        await self.link.report_pieces(self.digest, pieces, hashes or None)
+
+    async def _reporter(self) -> None:
+        """Batches completed pieces: at most one report in flight, sent as soon as the
+        previous one returned (so a busy swarm sends big batches, an idle one small)."""
+        while True:
+            await self.report_wanted.wait()
+            self.report_wanted = trio.Event()
+            await self._flush_reports()
+
+    # -- fetching -------------------------------------------------------------------------
+
+    async def _from_parent(self, pp: PeerPiece) -> None:
+        index = pp.piece
+        try:
+            expected = self.hashes.get(index)
+            if expected is None:  # the scheduler never assigns these; be safe anyway
+                return
+            reason: FailureReason | None = None
+            with trio.move_on_after(self.piece_timeout) as scope:
+                try:
+                    data, wire = await fetch_piece(
+                        self.peers, pp.parent_addr, self.digest, index, self.plan
+                    )
+                    await trio.to_thread.run_sync(self.task.write_piece, index, data, expected)
+                    self.stats.from_peers += len(data)
+                    self.stats.peer_wire += wire
+                    self._record(index, None)
+                except PieceMismatch:
+                    self.stats.bad_pieces += 1
+                    reason = "bad_hash"
+                    log.warning(
+                        "piece %d of %s from %s failed its sha256", index, self.digest, pp.parent_id
+                    )
+                except PeerError as exc:
+                    reason = "refused" if exc.status in (404, 409) else "error"
+            if scope.cancelled_caught:
+                reason = "slow"
+            if reason is not None:
+                await self.link.report_failure(self.digest, pp.parent_id, index, reason)
+        finally:
+            self.inflight.discard(index)
+            self.slots.release()
+            self._progressed()
+
+    async def _from_source(self, run: list[int]) -> None:
+        try:
+            fetcher = SourceFetcher(
+                self.source, self.task, concurrency=1, on_piece=self._source_piece
+            )
+            await fetcher.fetch_spans([run])
+            self.stats.from_source += fetcher.stats.received
+        finally:
+            for index in run:
+                self.inflight.discard(index)
+            self.slots.release()
+            self._progressed()
+
+    def _source_piece(self, index: int, sha: str) -> None:
+        self.hashes[index] = sha
+        self._record(index, sha)
+
+    async def run(self) -> None:
+        await self.link.start_task(self.digest, self.plan.size, self.plan.piece_size)
+        async with trio.open_nursery() as reporter:
+            reporter.start_soon(self._reporter)
+            async with trio.open_nursery() as workers:
+                while self.task.missing():
+                    self.changed = trio.Event()
+                    want = max(1, self.concurrency * 2 - len(self.inflight))
+                    assignment = await self.link.assign(self.digest, want)
+                    self.hashes.update(assignment.piece_hashes)
+                    started = await self._start(assignment, workers)
+                    if not started:
+                        with trio.move_on_after(max(0.01, assignment.retry_after)):
+                            await self.changed.wait()
+            await self._flush_reports()
+            reporter.cancel_scope.cancel()
+
+    async def _start(self, a: Assignment, workers: trio.Nursery) -> int:
+        started = 0
+        for pp in a.from_peers:
+            if pp.piece in self.inflight or self.task.is_verified(pp.piece):
+                continue
+            if pp.piece not in self.hashes:
+                continue
+            await self.slots.acquire()
+            self.inflight.add(pp.piece)
+            workers.start_soon(self._from_parent, pp)
+            started += 1
+        for run in _runs([i for i in a.from_source if i not in self.inflight]):
+            run = [i for i in run if not self.task.is_verified(i)]
+            if not run:
+                continue
+            await self.slots.acquire()
+            self.inflight.update(run)
+            workers.start_soon(self._from_source, run)
+            started += 1
+        return started
+
+
+def _runs(pieces: Sequence[int], max_run: int = 16) -> list[list[int]]:
+    out: list[list[int]] = []
+    for index in sorted(pieces):
+        if out and out[-1][-1] == index - 1 and len(out[-1]) < max_run:
+            out[-1].append(index)
+        else:
+            out.append([index])
+    return out
+
+
+async def swarm_download(
+    task: Task,
+    source: Source,
+    link: SchedulerLink | None,
+    peers: httpx.AsyncClient,
+    *,
+    concurrency: int = 8,
+    piece_timeout: float = 30.0,
+    progress: ProgressFn | None = None,
+) -> tuple[Path, SwarmStats]:
+    """Complete ``task`` through the swarm (or from ``source`` alone when ``link`` is
+    None or the scheduler is unreachable) and commit it.  Returns the blob's path."""
+    stats = SwarmStats(size=task.plan.size)
+    stats.reused = task.verified_bytes
+    started = time.perf_counter()
+    if link is not None and task.missing():
+        swarm = _Swarm(
+            task,
+            source,
+            link,
+            peers,
+            concurrency=concurrency,
+            piece_timeout=piece_timeout,
+            progress=progress,
+            stats=stats,
+        )
+        try:
+            with collapse_groups():
+                await swarm.run()
+        except NetworkError as exc:
+            if isinstance(exc, PeerError):
+                raise
+            log.warning(
+                "scheduler unreachable (%s): fetching %s from the registry", exc, task.digest
+            )
+            stats.fallback = True
+            link = None
+    try:
+        path, dstats = await _finish_from_source(task, source, concurrency, progress)
+    except DigestMismatch:
+        if link is None:
+            raise
+        # The piece-hash list was poisoned (every piece matched it, the blob did not).
+        log.warning(
+            "blob %s failed its digest after the swarm: refetching from the registry", task.digest
+        )
+        await _quietly(link.mismatch(task.digest))
+        raise
+    stats.from_source += dstats.received
+    stats.seconds = time.perf_counter() - started
+    if link is not None:
+        await _quietly(link.complete(task.digest))
+    return path, stats
+
+
+async def _finish_from_source(
+    task: Task, source: Source, concurrency: int, progress: ProgressFn | None
+) -> tuple[Path, DownloadStats]:
+    """Fetch whatever is still missing from the registry, then commit (whole-blob check)."""
+    info = SourceInfo(task.plan.size, True)
+    return await download(source, task, info=info, concurrency=concurrency, progress=progress)
+
+
+async def _quietly(call: Awaitable[None]) -> None:
+    try:
+        await call
+    except NetworkError as exc:
+        log.info("scheduler: %s", exc)
