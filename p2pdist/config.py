@@ -40,6 +40,7 @@ __all__ = [
     "is_loopback_host",
     "load_node_config",
     "parse_size",
+    "split_hostport",
 ]
 
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?i?B?)?\s*", re.IGNORECASE)
@@ -112,6 +113,14 @@ class RegistryConfig:
         return f"{scheme}://{self.host}"
 
 
+def split_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
+    """``"127.0.0.1:65002"`` → ``("127.0.0.1", 65002)``; ``[::1]:80`` works too."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ConfigError(f"invalid {what} {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def default_data_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/p2pdist")
@@ -129,6 +138,18 @@ class NodeConfig:
     platform: str = "linux/amd64"
     docker_config: Path | None = None
     registries: Mapping[str, RegistryConfig] = field(default_factory=dict)
+    # -- the daemon (``p2pdist daemon``) ------------------------------------------------
+    schedulers: tuple[str, ...] = ()
+    """Scheduler base URLs (``http://host:port``); the first that answers is used."""
+    host_id: str | None = None
+    """This node's id in the swarm (default: hostname + peer port)."""
+    zone: str = ""
+    peer_listen: str = "0.0.0.0:65002"
+    advertise: str | None = None
+    """The address peers reach this node's peer server at (host or host:port)."""
+    api_listen: str = "127.0.0.1:65003"
+    upload_slots: int = 16
+    piece_timeout: float = 30.0
 
     def registry(self, host: str) -> RegistryConfig:
         """The settings for ``host``; credentials from the environment apply to it when
@@ -159,6 +180,13 @@ class NodeConfig:
             raise ConfigError("concurrency must be between 1 and 256")
         if re.fullmatch(r"[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?", self.platform) is None:
             raise ConfigError(f"invalid platform {self.platform!r}: expected os/arch[/variant]")
+        for url in self.schedulers:
+            if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+                raise ConfigError(f"invalid scheduler URL {url!r}: expected http://host:port")
+        for name in ("peer_listen", "api_listen"):
+            split_hostport(getattr(self, name), what=name)
+        if not 1 <= self.upload_slots <= 1024:
+            raise ConfigError("upload_slots must be between 1 and 1024")
         return self
 
 
@@ -175,6 +203,23 @@ def _registries_from(table: Any) -> dict[str, RegistryConfig]:
             raise ConfigError(f"[registries.{host!r}]: unknown keys {sorted(unknown)}")
         out[host] = RegistryConfig(host=host, **values)
     return out
+
+
+_SIMPLE_KEYS = (
+    "data_dir",
+    "piece_size",
+    "concurrency",
+    "platform",
+    "docker_config",
+    "schedulers",
+    "host_id",
+    "zone",
+    "peer_listen",
+    "advertise",
+    "api_listen",
+    "upload_slots",
+    "piece_timeout",
+)
 
 
 def load_node_config(
@@ -200,11 +245,11 @@ def load_node_config(
         for key, value in raw.items():
             if key == "registries":
                 values["registries"] = _registries_from(value)
-            elif key in ("data_dir", "piece_size", "concurrency", "platform", "docker_config"):
+            elif key in _SIMPLE_KEYS:
                 values[key] = value
             else:
                 raise ConfigError(f"{path}: unknown key {key!r}")
-    for key in ("data_dir", "piece_size", "concurrency", "platform", "docker_config"):
+    for key in _SIMPLE_KEYS:
         if f"P2PDIST_{key.upper()}" in env:
             values[key] = env[f"P2PDIST_{key.upper()}"]
     for key, value in (overrides or {}).items():
@@ -217,8 +262,16 @@ def load_node_config(
             values["docker_config"] = Path(values["docker_config"]).expanduser()
         if "piece_size" in values:
             values["piece_size"] = parse_size(values["piece_size"])
-        if "concurrency" in values:
-            values["concurrency"] = int(values["concurrency"])
+        for key in ("concurrency", "upload_slots"):
+            if key in values:
+                values[key] = int(values[key])
+        if "piece_timeout" in values:
+            values["piece_timeout"] = float(values["piece_timeout"])
+        if "schedulers" in values:
+            raw_urls = values["schedulers"]
+            if isinstance(raw_urls, str):
+                raw_urls = [u for u in raw_urls.replace(",", " ").split() if u]
+            values["schedulers"] = tuple(str(u).rstrip("/") for u in raw_urls)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
     return NodeConfig(**values).validate()

@@ -1,0 +1,283 @@
+"""The node: what a daemon owns and shares between its servers.
+
+* the piece store and the tasks open in it (the peer server reads verified pieces of a
+  task while the downloader is still writing others);
+* one download per blob: every local request for the same digest (CLI, proxy, preheat)
+  joins the job already running instead of starting another;
+* registry clients, pooled per registry host (connections and tokens are reused);
+* the link to the scheduler, and the HTTP client that fetches pieces from parents.
+
+Open it with :func:`open_node`; jobs run in the node's own nursery, so a client that goes
+away does not cancel a download others are waiting for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+import trio
+
+from .config import NodeConfig
+from .digest import Digest
+from .errors import DigestMismatch, P2PDistError, UsageError
+from .peer import PieceLocation
+from .pieces import PiecePlan, piece_size_for
+from .registry import RegistryClient
+from .source import Source
+from .store import BlobComplete, PieceStore, Task
+from .swarm import SchedulerLink, SwarmStats, swarm_download
+from .urlsource import UrlSource, make_http_client
+
+__all__ = ["BlobOrigin", "Job", "Node", "open_node"]
+
+log = logging.getLogger("p2pdist.node")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobOrigin:
+    """Where a blob comes from when no peer has it: a registry repository, or a URL."""
+
+    registry: str | None = None
+    repository: str | None = None
+    url: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.registry is None or self.repository is None):
+            raise UsageError("a blob origin is a registry and repository, or a URL")
+
+
+@dataclass(eq=False)
+class Job:
+    """One blob being made complete on this node; any number of requests wait on it."""
+
+    digest: Digest
+    done: trio.Event = field(default_factory=trio.Event)
+    changed: trio.Event = field(default_factory=trio.Event)
+    task: Task | None = None
+    plan: PiecePlan | None = None
+    path: Path | None = None
+    error: BaseException | None = None
+    stats: SwarmStats | None = None
+    waiters: int = 0
+
+    def notify(self, *_: object) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def verified_prefix(self) -> int:
+        """Bytes from the start of the blob that are verified (all of them once done)."""
+        if self.path is not None and self.plan is not None:
+            return self.plan.size
+        task, plan = self.task, self.plan
+        if task is None or plan is None or task.closed:
+            return 0
+        n = 0
+        for index in range(plan.count):
+            if not task.is_verified(index):
+                break
+            n = plan.range(index)[1]
+        return n
+
+
+class Node:
+    def __init__(
+        self,
+        config: NodeConfig,
+        store: PieceStore,
+        *,
+        nursery: trio.Nursery,
+        link: SchedulerLink | None,
+        peers: httpx.AsyncClient,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.link = link
+        self.peers = peers
+        self._nursery = nursery
+        self._jobs: dict[Digest, Job] = {}
+        self._tasks: dict[Digest, Task] = {}
+        self._registries: dict[tuple[str, bool], RegistryClient] = {}
+        self._urls: dict[bool, httpx.AsyncClient] = {}
+        self._exit = contextlib.AsyncExitStack()
+
+    # -- sources --------------------------------------------------------------------------
+
+    async def registry_client(self, host: str, *, insecure: bool = False) -> RegistryClient:
+        key = (host, insecure)
+        client = self._registries.get(key)
+        if client is None:
+            reg = self.config.registry(host)
+            if insecure:
+                reg = replace(reg, insecure=True)
+            client = RegistryClient(
+                reg,
+                platform=self.config.platform,
+                docker_config=self.config.docker_config,
+                max_connections=max(8, self.config.concurrency * 2),
+            )
+            self._registries[key] = await self._exit.enter_async_context(client)
+        return client
+
+    async def source_for(self, digest: Digest, origin: BlobOrigin) -> Source:
+        if origin.url is not None:
+            http = self._urls.get(origin.insecure)
+            if http is None:
+                http = make_http_client(insecure=origin.insecure)
+                self._urls[origin.insecure] = await self._exit.enter_async_context(http)
+            return UrlSource(http, origin.url, headers=dict(origin.headers))
+        assert origin.registry is not None and origin.repository is not None
+        client = await self.registry_client(origin.registry, insecure=origin.insecure)
+        return client.blob_source(origin.repository, digest)
+
+    # -- what the peer server serves -------------------------------------------------------
+
+    def piece_location(self, digest: Digest, index: int, piece_size: int) -> PieceLocation | None:
+        """Where verified piece ``index`` (cut at ``piece_size``) is, or None."""
+        task = self._tasks.get(digest)
+        if task is not None and not task.closed:
+            if task.plan.piece_size != piece_size:
+                return None
+            if 0 <= index < task.plan.count and task.is_verified(index):
+                start, end = task.plan.range(index)
+                return PieceLocation(task.data_path, start, end - start)
+        path = self.store.blob_path(digest)
+        if path is None:
+            return None
+        size = path.stat().st_size
+        plan = PiecePlan(size, piece_size)
+        if not 0 <= index < plan.count:
+            return None
+        start, end = plan.range(index)
+        return PieceLocation(path, start, end - start)
+
+    def blob_size(self, digest: Digest) -> int | None:
+        task = self._tasks.get(digest)
+        if task is not None and not task.closed:
+            return task.plan.size
+        path = self.store.blob_path(digest)
+        return path.stat().st_size if path is not None else None
+
+    # -- downloads --------------------------------------------------------------------------
+
+    def job(self, digest: Digest) -> Job | None:
+        return self._jobs.get(digest)
+
+    def fetch(self, digest: Digest, origin: BlobOrigin, *, size: int | None = None) -> Job:
+        """The job that makes ``digest`` complete here: the running one, or a new one."""
+        job = self._jobs.get(digest)
+        if job is None or (job.done.is_set() and job.error is not None):
+            job = Job(digest)
+            self._jobs[digest] = job
+            self._nursery.start_soon(self._run, job, origin, size)
+        return job
+
+    async def ensure_blob(
+        self, digest: Digest, origin: BlobOrigin, *, size: int | None = None
+    ) -> Path:
+        job = self.fetch(digest, origin, size=size)
+        await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.path is not None
+        return job.path
+
+    async def _run(self, job: Job, origin: BlobOrigin, size: int | None) -> None:
+        try:
+            job.path = await self._complete(job, origin, size)
+        except P2PDistError as exc:
+            job.error = exc
+        except Exception as exc:  # a bug: keep the daemon up, tell the waiters
+            log.exception("download of %s failed", job.digest)
+            job.error = exc
+        finally:
+            job.done.set()
+            job.notify()
+            # Successful jobs are forgotten (the store has the blob); failed ones too,
+            # after the waiters saw the error, so that the next request retries.
+            if self._jobs.get(job.digest) is job:
+                del self._jobs[job.digest]
+
+    async def _complete(self, job: Job, origin: BlobOrigin, size: int | None) -> Path:
+        digest = job.digest
+        existing = await trio.to_thread.run_sync(self.store.checked_blob_path, digest)
+        if existing is not None:
+            job.plan = PiecePlan(existing.stat().st_size, self.config.piece_size)
+            return existing
+        source = await self.source_for(digest, origin)
+        if size is None:
+            info = await source.probe()
+            if info.size is None:
+                raise UsageError(f"{source.description}: origin announces no size")
+            size = info.size
+        for attempt in range(2):
+            task = await self._open_task(digest, size)
+            if task is None:  # completed by someone else meanwhile
+                path = self.store.blob_path(digest)
+                assert path is not None
+                return path
+            job.task, job.plan = task, task.plan
+            self._tasks[digest] = task
+            try:
+                link = self.link if attempt == 0 else None
+                path, stats = await swarm_download(
+                    task,
+                    source,
+                    link,
+                    self.peers,
+                    concurrency=self.config.concurrency,
+                    piece_timeout=self.config.piece_timeout,
+                    progress=job.notify,
+                )
+                job.stats = stats
+                return path
+            except DigestMismatch:
+                if attempt:
+                    raise
+                # Poisoned piece-hash list: the store discarded the task; start over from
+                # the registry alone.
+                continue
+            finally:
+                self._tasks.pop(digest, None)
+                task.close()
+        raise AssertionError("unreachable")
+
+    async def _open_task(self, digest: Digest, size: int) -> Task | None:
+        piece_size = piece_size_for(size, self.config.piece_size)
+        try:
+            return await trio.to_thread.run_sync(self.store.open_task, digest, size, piece_size)
+        except BlobComplete:
+            return None
+
+    async def aclose(self) -> None:
+        await self._exit.aclose()
+        self._registries.clear()
+        self._urls.clear()
+
+
+@contextlib.asynccontextmanager
+async def open_node(
+    config: NodeConfig, *, link: SchedulerLink | None = None
+) -> AsyncIterator[Node]:
+    store = await trio.to_thread.run_sync(PieceStore, config.data_dir)
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    async with (
+        httpx.AsyncClient(
+            limits=limits, timeout=httpx.Timeout(30.0, connect=5.0), trust_env=False
+        ) as peers,
+        trio.open_nursery() as nursery,
+    ):
+        node = Node(config, store, nursery=nursery, link=link, peers=peers)
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await node.aclose()
+                store.close()
