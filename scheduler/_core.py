@@ -1,0 +1,513 @@
+"""The scheduler's state machine: events in, answers out, the clock passed in.
+
+``Scheduler.handle(event, now)`` applies one daemon's event and returns one answer; no
+I/O, no clock reads, no exceptions for anything a daemon can send.  Every handle first
+advances time to ``now`` (:meth:`Scheduler.tick`): hosts silent for
+``heartbeat_timeout`` are expired, lapsed source leases and parent assignments released.
+A seeded ``random.Random`` breaks ties, so a run is reproducible.
+
+The rules, in one place
+-----------------------
+
+Hosts
+    ``RegisterHost`` creates or updates a host; every event from a host counts as a
+    heartbeat.  An expired host, or one that sent ``LeaveHost``, is forgotten: its pieces
+    are no longer offered, its source leases and the uploads assigned to it are released
+    (their pieces are offered again, the leases re-leased to whoever asks next).
+
+Unknown, and restarts
+    An event from a host the scheduler does not know is answered ``Unknown("host")``:
+    re-register and re-announce every task.  An event about a task the host is not known
+    to take part in is answered ``Unknown("task")``: ``Announce`` it (or ``StartTask``).
+    A restarted scheduler therefore rebuilds its picture from re-announcements: the
+    pieces, seeds and (through ``Announce.hashes``) the piece-hash list.  Every event is
+    idempotent: a repeat changes nothing (``BlobMismatch`` carries the epoch for this).
+
+The piece-hash list (integrity)
+    A piece's hash is learned from the first host that reports it with ``source=True``
+    (it fetched the bytes from the registry and hashed them), from ``Announce`` or from
+    a seed's ``CompleteTask`` - whichever comes first; it is never replaced.  A report
+    whose hash differs from the list, or that has no hash while the list has none, is
+    rejected (``Ack.rejected``): the daemon drops those pieces.  A piece is offered from a
+    peer only when its hash is known, and the answer carries that hash.  An excluded
+    host's reports count for itself only: they never publish a hash nor make it a parent.
+
+Assignments (``Assign`` -> ``Assignment``)
+    1. From peers first: the asker's missing pieces that are not already assigned or
+       leased to it and have a known hash and a holder, rarest first; each from the best
+       of a sample of its holders (same zone first, least busy, below its upload slots,
+       not penalised, not excluded, never the asker), at most ``max_pieces_per_parent``
+       per parent.  Assigned pieces count as uploads of the parent until the asker reports
+       them, reports a failure, or ``piece_timeout`` passes.
+    2. Then, with the room left, one contiguous run (``source_run_pieces``) of pieces that
+       need the registry - hash unknown or nobody holds them - and are leased to fewer than
+       ``source_fanout`` hosts: a source lease, lapsing after ``lease_timeout``, released
+       when reported or failed.  A host holds at most ``max_source_leases_per_host``.
+       So hosts that start together are given different ranges, each range leaves the
+       registry once, and the others fetch those pieces from the lessees as they report.
+    3. Nothing assignable: ``retry_after`` (short).  Holding every piece: ``done``.
+
+Failures (``ReportPieceFailure``)
+    ``bad_hash``: the parent served bytes that do not match the list: it is excluded from
+    the task for every host, its record of the piece dropped.  ``error``/``slow``: the
+    parent is penalised (``error_penalty`` doubling with each failure in
+    ``failure_window``; ``avoid_after_failures`` of them bench it for ``avoid_duration``).
+    ``refused``: the parent was full, a short ``refused_penalty``.  ``parent_id=None``:
+    the registry fetch failed; the lease is released.  Only a failure matching an
+    outstanding assignment counts towards the doubling, so repeats are harmless.
+
+Whole-blob mismatch (``BlobMismatch``)
+    Every piece matched the list but the blob does not match its digest: the list is
+    poisoned.  The task's epoch is bumped, its hash list, exclusions, leases, assignments
+    and every non-seed's piece records are dropped: everyone fetches from the registry
+    again.  Seeds (``CompleteTask``: digest-verified) keep their records and are offered
+    again as soon as the registry-fetched hashes are republished.  A report or mismatch
+    carrying an older epoch is stale: its peer-fetched pieces are rejected, and the
+    mismatch is ignored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from . import _policy
+from ._config import SchedulerConfig
+from ._events import (
+    Ack,
+    Announce,
+    Answer,
+    Assign,
+    Assignment,
+    BlobMismatch,
+    CompleteTask,
+    Event,
+    Heartbeat,
+    LeaveHost,
+    LeaveTask,
+    PieceSource,
+    RegisterHost,
+    Rejected,
+    ReportPieceFailure,
+    ReportPieces,
+    StartTask,
+    Unknown,
+)
+from ._state import Host, PeerTask, Task
+
+__all__ = ["Scheduler"]
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_LEASE = 0
+_INFLIGHT = 1
+# (deadline, seq, kind, host_id, digest, piece, epoch)
+_Timer = tuple[float, int, int, str, str, int, int]
+
+
+class Scheduler:
+    """The pure scheduler.  Not thread-safe; the service layer serialises calls."""
+
+    def __init__(self, config: SchedulerConfig | None = None, *, seed: int = 0) -> None:
+        self.config = config if config is not None else SchedulerConfig()
+        self._rng = random.Random(seed)
+        self._hosts: dict[str, Host] = {}
+        self._tasks: dict[str, Task] = {}
+        # Hosts in order of last_seen (touch = move to end): expiry pops from the front.
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._timers: list[_Timer] = []
+        self._seq = 0
+        self._now = float("-inf")
+
+    # --- read-only views (for the service layer, metrics and tests) -------------------
+
+    @property
+    def hosts(self) -> Mapping[str, Host]:
+        return MappingProxyType(self._hosts)
+
+    @property
+    def tasks(self) -> Mapping[str, Task]:
+        return MappingProxyType(self._tasks)
+
+    # --- time ----------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[str]:
+        """Advance the clock: expire silent hosts (returned), release lapsed leases and
+        assignments.  Time never goes backwards: an earlier ``now`` is ignored."""
+        if now < self._now:
+            return []
+        self._now = now
+        expired: list[str] = []
+        timeout = self.config.heartbeat_timeout
+        while self._seen:
+            hid = next(iter(self._seen))
+            if self._hosts[hid].last_seen + timeout > now:
+                break
+            self._remove_host(hid)
+            expired.append(hid)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, _, kind, hid, digest, piece, epoch = heapq.heappop(timers)
+            task = self._tasks.get(digest)
+            if task is None or task.epoch != epoch:
+                continue
+            pt = task.peers.get(hid)
+            if pt is None:
+                continue
+            if kind == _LEASE:
+                if pt.leases.get(piece) == deadline:
+                    self._release_lease(task, pt, piece)
+            else:
+                entry = pt.inflight.get(piece)
+                if entry is not None and entry[1] == deadline:
+                    self._release_inflight(task, pt, piece)
+        return expired
+
+    def _timer(self, deadline: float, kind: int, hid: str, task: Task, piece: int) -> None:
+        self._seq += 1
+        entry = (deadline, self._seq, kind, hid, task.digest, piece, task.epoch)
+        heapq.heappush(self._timers, entry)
+
+    # --- the one entry point ---------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> Answer:
+        """Apply ``event`` (from ``event.host_id``) at time ``now``; return the answer."""
+        self.tick(now)
+        now = max(now, self._now)
+        if isinstance(event, RegisterHost):
+            return self._register(event, now)
+        host = self._hosts.get(event.host_id)
+        if isinstance(event, LeaveHost):
+            if host is not None:
+                self._remove_host(host.host_id)
+            return Ack()
+        if host is None:
+            return Unknown("host")
+        self._touch(host, now)
+        if isinstance(event, Heartbeat):
+            host.load = event.load
+            return Ack()
+        if isinstance(event, StartTask | Announce):
+            return self._start(host, event, now)
+        task = self._tasks.get(event.digest)
+        pt = task.peers.get(host.host_id) if task is not None else None
+        if task is None or pt is None:
+            if isinstance(event, LeaveTask):
+                return Ack()
+            return Unknown("task")
+        if isinstance(event, Assign):
+            return self._assign(task, pt, event.max_pieces, now)
+        if isinstance(event, ReportPieces):
+            return self._report(task, pt, event, now)
+        if isinstance(event, ReportPieceFailure):
+            return self._failure(task, pt, event, now)
+        if isinstance(event, CompleteTask):
+            self._complete(task, pt, event.hashes)
+            return Ack()
+        if isinstance(event, BlobMismatch):
+            if event.epoch is None or event.epoch == task.epoch:
+                self._reset(task)
+            return Ack()
+        if isinstance(event, LeaveTask):
+            self._drop_peer(task, host.host_id)
+            return Ack()
+        return Rejected("invalid", f"unsupported event {type(event).__name__}")
+
+    # --- hosts ---------------------------------------------------------------------
+
+    def _touch(self, host: Host, now: float) -> None:
+        host.last_seen = now
+        self._seen.move_to_end(host.host_id)
+
+    def _register(self, ev: RegisterHost, now: float) -> Answer:
+        if not ev.host_id or ev.upload_slots < 0:
+            return Rejected("invalid", "host_id must be non-empty and upload_slots >= 0")
+        host = self._hosts.get(ev.host_id)
+        if host is None:
+            host = Host(
+                ev.host_id, ev.addr, ev.zone, ev.version, ev.upload_slots, dict(ev.labels), now
+            )
+            self._hosts[ev.host_id] = host
+            self._seen[ev.host_id] = None
+        else:
+            if ev.zone != host.zone:  # re-index its pieces under the new zone
+                for digest in host.tasks:
+                    task = self._tasks[digest]
+                    for i in self._offered(task, host):
+                        task.remove_holder(host, i)
+                host.zone = ev.zone
+                for digest in host.tasks:
+                    task = self._tasks[digest]
+                    for i in self._offered(task, host):
+                        task.add_holder(host, i)
+            host.addr, host.version = ev.addr, ev.version
+            host.upload_slots, host.labels = ev.upload_slots, dict(ev.labels)
+        self._touch(host, now)
+        return Ack()
+
+    def _offered(self, task: Task, host: Host) -> list[int]:
+        if host.host_id in task.excluded:
+            return []
+        return [i for i in task.peers[host.host_id].pieces() if host.host_id in task.holders[i]]
+
+    def _remove_host(self, hid: str) -> None:
+        host = self._hosts.pop(hid, None)
+        self._seen.pop(hid, None)
+        if host is None:
+            return
+        for digest in list(host.tasks):
+            task = self._tasks.get(digest)
+            if task is not None:
+                self._drop_peer(task, hid)
+        # Children that were assigned pieces from it may ask for them again.
+        for child, digest, piece in list(host.serving):
+            task = self._tasks.get(digest)
+            pt = task.peers.get(child) if task is not None else None
+            if task is not None and pt is not None:
+                self._release_inflight(task, pt, piece)
+        host.serving.clear()
+
+    # --- tasks ---------------------------------------------------------------------
+
+    def _start(self, host: Host, ev: StartTask | Announce, now: float) -> Answer:
+        if ev.size < 0 or ev.piece_size < 1 or not ev.digest:
+            return Rejected("invalid", "need a digest, size >= 0 and piece_size >= 1")
+        task = self._tasks.get(ev.digest)
+        if task is None:
+            count = -(-ev.size // ev.piece_size)
+            task = Task(ev.digest, ev.size, ev.piece_size, count)
+            self._tasks[ev.digest] = task
+        elif (task.size, task.piece_size) != (ev.size, ev.piece_size):
+            if not task.peers:  # a plan nobody uses any more: replace it
+                del self._tasks[ev.digest]
+                return self._start(host, ev, now)
+            return Rejected(
+                "plan_conflict",
+                f"task {ev.digest} is planned as size={task.size} piece_size={task.piece_size}",
+                size=task.size,
+                piece_size=task.piece_size,
+            )
+        pt = task.peers.get(host.host_id)
+        if pt is None:
+            pt = task.peers[host.host_id] = PeerTask(host, task.count)
+            host.tasks.add(task.digest)
+        if isinstance(ev, StartTask):
+            return Ack()
+        if ev.complete:
+            self._complete(task, pt, ev.hashes)
+            return Ack()
+        return self._accept(task, pt, ev.pieces, ev.hashes, publish=True, stale=False)
+
+    def _drop_peer(self, task: Task, hid: str) -> None:
+        pt = task.peers.pop(hid, None)
+        if pt is None:
+            return
+        host = pt.host
+        host.tasks.discard(task.digest)
+        for i in pt.pieces():
+            task.remove_holder(host, i)
+        for i in list(pt.leases):
+            self._release_lease(task, pt, i)
+        for i in list(pt.inflight):
+            self._release_inflight(task, pt, i)
+        if not task.peers:
+            del self._tasks[task.digest]
+
+    def _release_lease(self, task: Task, pt: PeerTask, piece: int) -> None:
+        if pt.leases.pop(piece, None) is not None:
+            task.leases[piece].pop(pt.host.host_id, None)
+
+    def _release_inflight(self, task: Task, pt: PeerTask, piece: int) -> None:
+        entry = pt.inflight.pop(piece, None)
+        if entry is not None:
+            parent = self._hosts.get(entry[0])
+            if parent is not None:
+                parent.serving.discard((pt.host.host_id, task.digest, piece))
+
+    def _set_held(self, task: Task, pt: PeerTask, i: int) -> None:
+        if not pt.have[i]:
+            pt.have[i] = 1
+            pt.held += 1
+        if pt.host.host_id not in task.excluded:
+            task.add_holder(pt.host, i)
+
+    def _accept(
+        self,
+        task: Task,
+        pt: PeerTask,
+        pieces: tuple[int, ...],
+        hashes: Mapping[int, str] | None,
+        *,
+        publish: bool,
+        stale: bool,
+    ) -> Ack:
+        rejected: list[int] = []
+        excluded = pt.host.host_id in task.excluded
+        for i in pieces:
+            if not (isinstance(i, int) and 0 <= i < task.count):
+                rejected.append(i)
+                continue
+            self._release_lease(task, pt, i)
+            self._release_inflight(task, pt, i)
+            h = hashes.get(i) if hashes is not None else None
+            if h is not None and _HEX64.fullmatch(h) is None:
+                rejected.append(i)
+                continue
+            known = task.hashes[i]
+            if known is None:
+                if h is None or not publish:
+                    rejected.append(i)
+                    continue
+                if not excluded:
+                    task.hashes[i] = h
+                    task.publishers[i] = pt.host.host_id
+            elif (h is not None and h != known) or (stale and not publish):
+                rejected.append(i)
+                continue
+            self._set_held(task, pt, i)
+        if rejected:  # a record the host just disowned must not be offered
+            for i in rejected:
+                if isinstance(i, int) and 0 <= i < task.count and pt.have[i]:
+                    self._unset_held(task, pt, i)
+        return Ack(tuple(rejected))
+
+    def _unset_held(self, task: Task, pt: PeerTask, i: int) -> None:
+        if pt.have[i]:
+            pt.have[i] = 0
+            pt.held -= 1
+            pt.complete = False
+        task.remove_holder(pt.host, i)
+
+    def _report(self, task: Task, pt: PeerTask, ev: ReportPieces, now: float) -> Answer:
+        stale = ev.epoch is not None and ev.epoch != task.epoch
+        return self._accept(task, pt, ev.pieces, ev.hashes, publish=ev.source, stale=stale)
+
+    def _complete(self, task: Task, pt: PeerTask, hashes: Mapping[int, str] | None) -> None:
+        if hashes is not None and pt.host.host_id not in task.excluded:
+            for i, h in hashes.items():
+                if (
+                    isinstance(i, int)
+                    and 0 <= i < task.count
+                    and task.hashes[i] is None
+                    and _HEX64.fullmatch(h) is not None
+                ):
+                    task.hashes[i] = h
+                    task.publishers[i] = pt.host.host_id
+        pt.complete = True
+        for i in list(pt.leases):
+            self._release_lease(task, pt, i)
+        for i in list(pt.inflight):
+            self._release_inflight(task, pt, i)
+        for i in range(task.count):
+            self._set_held(task, pt, i)
+
+    def _reset(self, task: Task) -> None:
+        """The hash list is poisoned: start the task over from the registry."""
+        task.epoch += 1
+        task.hashes = [None] * task.count
+        task.publishers = [None] * task.count
+        readmit = [task.peers[h] for h in task.excluded if h in task.peers]
+        task.excluded.clear()
+        for pt in task.peers.values():
+            for i in list(pt.leases):
+                self._release_lease(task, pt, i)
+            for i in list(pt.inflight):
+                self._release_inflight(task, pt, i)
+            if not pt.complete:
+                for i in pt.pieces():
+                    self._unset_held(task, pt, i)
+        for pt in readmit:  # excluded seeds: exclusion was judged against a bad list
+            for i in pt.pieces():
+                task.add_holder(pt.host, i)
+
+    # --- failures ------------------------------------------------------------------
+
+    def _failure(self, task: Task, pt: PeerTask, ev: ReportPieceFailure, now: float) -> Answer:
+        cfg = self.config
+        piece = ev.piece
+        if not 0 <= piece < task.count:
+            return Rejected("invalid", f"piece {piece} out of range 0..{task.count - 1}")
+        if ev.parent_id is None:
+            self._release_lease(task, pt, piece)
+            return Ack()
+        entry = pt.inflight.get(piece)
+        matched = entry is not None and entry[0] == ev.parent_id
+        if matched:
+            self._release_inflight(task, pt, piece)
+        parent = self._hosts.get(ev.parent_id)
+        if ev.reason == "bad_hash":
+            self._exclude(task, ev.parent_id, piece)
+            if parent is not None and matched:
+                self._penalise(parent, now, cfg.error_penalty, counted=True)
+        elif parent is None:
+            pass
+        elif ev.reason == "error":
+            self._penalise(parent, now, cfg.error_penalty, counted=matched)
+        elif ev.reason == "slow":
+            self._penalise(parent, now, cfg.slow_penalty, counted=matched)
+        else:  # refused: the parent was full
+            parent.penalised_until = max(parent.penalised_until, now + cfg.refused_penalty)
+        return Ack()
+
+    def _exclude(self, task: Task, hid: str, piece: int) -> None:
+        task.excluded.add(hid)
+        ppt = task.peers.get(hid)
+        if ppt is None:
+            return
+        for i in ppt.pieces():
+            task.remove_holder(ppt.host, i)
+        if ppt.have[piece]:
+            ppt.have[piece] = 0
+            ppt.held -= 1
+            ppt.complete = False
+
+    def _penalise(self, host: Host, now: float, base: float, *, counted: bool) -> None:
+        cfg = self.config
+        duration = base
+        if counted:
+            host.failures.append(now)
+            while host.failures and host.failures[0] <= now - cfg.failure_window:
+                host.failures.popleft()
+            n = len(host.failures)
+            if n >= cfg.avoid_after_failures:
+                duration = cfg.avoid_duration
+            else:
+                duration = min(base * 2 ** (n - 1), cfg.max_penalty)
+        host.penalised_until = max(host.penalised_until, now + duration)
+
+    # --- assignment ----------------------------------------------------------------
+
+    def _assign(self, task: Task, pt: PeerTask, max_pieces: int, now: float) -> Assignment:
+        cfg = self.config
+        if pt.complete or pt.held >= task.count:
+            return Assignment(done=True, epoch=task.epoch)
+        limit = min(max_pieces, cfg.max_pieces_per_assignment)
+        hid = pt.host.host_id
+        picked = _policy.pick_from_peers(task, pt, self._hosts, limit, now, cfg, self._rng)
+        from_peers: list[PieceSource] = []
+        piece_hashes: dict[int, str] = {}
+        deadline = now + cfg.piece_timeout
+        for i, parent in picked:
+            pt.inflight[i] = (parent.host_id, deadline)
+            parent.serving.add((hid, task.digest, i))
+            self._timer(deadline, _INFLIGHT, hid, task, i)
+            from_peers.append(PieceSource(i, parent.host_id, parent.addr))
+            h = task.hashes[i]
+            assert h is not None
+            piece_hashes[i] = h
+        room = min(
+            limit - len(picked),
+            cfg.source_run_pieces,
+            cfg.max_source_leases_per_host - len(pt.leases),
+        )
+        run = _policy.pick_source_run(task, pt, room, cfg)
+        lease_end = now + cfg.lease_timeout
+        for i in run:
+            pt.leases[i] = lease_end
+            task.leases[i][hid] = lease_end
+            self._timer(lease_end, _LEASE, hid, task, i)
+        retry = 0.0 if (from_peers or run) else cfg.retry_after
+        return Assignment(piece_hashes, from_peers, run, retry, False, task.epoch)

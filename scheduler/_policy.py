@@ -1,0 +1,152 @@
+"""Piece selection and parent evaluation: pure functions over the state, no mutation.
+
+- :func:`pick_from_peers`: the asker's missing pieces that some parent can serve (hash
+  known, at least one holder), rarest first (ties broken by a random rotation so that
+  simultaneous askers spread), each given the best of a bounded random sample of its
+  holders: same zone sampled first, then everyone; a candidate must not be the asker,
+  excluded, penalised, at its upload slots, or already named ``max_pieces_per_parent``
+  times in this answer; the lowest :func:`parent_score` wins.
+- :func:`pick_source_run`: the first contiguous run of pieces that need the registry
+  (hash unknown or no holder), are not held, assigned or leased to the asker, and have
+  the fewest leases below ``source_fanout`` (so a second lessee is only added to a range
+  once every range has its first).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+from ._config import SchedulerConfig
+from ._state import Host, PeerTask, Task
+
+__all__ = ["parent_score", "pick_from_peers", "pick_source_run"]
+
+
+def parent_score(host: Host, extra: int, same_zone: bool, cfg: SchedulerConfig) -> float:
+    """Lower is better: busy fraction of upload slots (counting ``extra`` uploads already
+    given to it in this answer), CPU, and a penalty for another zone."""
+    busy = (host.busy() + extra) / max(1, host.upload_slots)
+    score = cfg.load_weight * busy + cfg.cpu_weight * host.load.cpu
+    if not same_zone:
+        score += cfg.zone_weight
+    return score
+
+
+def _usable(
+    hid: str,
+    asker: Host,
+    task: Task,
+    hosts: Mapping[str, Host],
+    per_parent: Mapping[str, int],
+    now: float,
+    cfg: SchedulerConfig,
+) -> Host | None:
+    if hid == asker.host_id or hid in task.excluded:
+        return None
+    h = hosts.get(hid)
+    if h is None or h.penalised_until > now:
+        return None
+    given = per_parent.get(hid, 0)
+    if given >= cfg.max_pieces_per_parent or h.busy() + given >= h.upload_slots:
+        return None
+    return h
+
+
+def choose_parent(
+    task: Task,
+    piece: int,
+    asker: Host,
+    hosts: Mapping[str, Host],
+    per_parent: Mapping[str, int],
+    now: float,
+    cfg: SchedulerConfig,
+    rng: random.Random,
+) -> Host | None:
+    k = cfg.parent_candidates
+    best: Host | None = None
+    best_score = float("inf")
+    local = task.zone_holders[piece].get(asker.zone)
+    pools = []
+    if local:
+        pools.append(local)
+    if local is None or len(local) < len(task.holders[piece]):
+        pools.append(task.holders[piece])
+    for pool in pools:
+        for hid in pool.sample(rng, k):
+            h = _usable(hid, asker, task, hosts, per_parent, now, cfg)
+            if h is None:
+                continue
+            s = parent_score(h, per_parent.get(hid, 0), h.zone == asker.zone, cfg)
+            if s < best_score:
+                best, best_score = h, s
+        if best is not None and best.zone == asker.zone:
+            break  # a same-zone parent beats anything sampled from other zones
+    return best
+
+
+def pick_from_peers(
+    task: Task,
+    pt: PeerTask,
+    hosts: Mapping[str, Host],
+    limit: int,
+    now: float,
+    cfg: SchedulerConfig,
+    rng: random.Random,
+) -> list[tuple[int, Host]]:
+    """Up to ``limit`` (piece, parent) pairs for the asker ``pt``."""
+    n = task.count
+    if limit <= 0 or n == 0:
+        return []
+    have, inflight, leases = pt.have, pt.inflight, pt.leases
+    hashes, holders = task.hashes, task.holders
+    offset = rng.randrange(n)
+    wanted: list[tuple[int, int, int]] = []
+    for i in range(n):
+        if have[i] or i in inflight or i in leases or hashes[i] is None:
+            continue
+        c = len(holders[i])
+        if c:
+            wanted.append((c, (i - offset) % n, i))
+    wanted.sort()
+    out: list[tuple[int, Host]] = []
+    per_parent: dict[str, int] = {}
+    for _, _, i in wanted:
+        parent = choose_parent(task, i, pt.host, hosts, per_parent, now, cfg, rng)
+        if parent is None:
+            continue
+        per_parent[parent.host_id] = per_parent.get(parent.host_id, 0) + 1
+        out.append((i, parent))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def pick_source_run(task: Task, pt: PeerTask, limit: int, cfg: SchedulerConfig) -> list[int]:
+    """One contiguous run (at most ``limit`` pieces) for the asker to fetch from the
+    registry, or ``[]``."""
+    if limit <= 0:
+        return []
+    have, inflight, leases = pt.have, pt.inflight, pt.leases
+    task_leases = task.leases
+    n = task.count
+
+    def eligible(i: int, level: int) -> bool:
+        return (
+            not have[i]
+            and i not in inflight
+            and i not in leases
+            and len(task_leases[i]) <= level
+            and task.needs_source(i)
+        )
+
+    for level in range(cfg.source_fanout):
+        for start in range(n):
+            if eligible(start, level):
+                run = [start]
+                i = start + 1
+                while i < n and len(run) < limit and eligible(i, level):
+                    run.append(i)
+                    i += 1
+                return run
+    return []
