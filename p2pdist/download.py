@@ -215,6 +215,7 @@ class SourceFetcher:
             start = self.plan.start(pending[0])
             end = self.plan.range(pending[-1])[1]
             whole = start == 0 and end == self.plan.size
+            before = len(pending)
             try:
                 self.stats.requests += 1
                 pieces = _Assembler(self.plan, pending, self.pool)
@@ -234,7 +235,9 @@ class SourceFetcher:
                             f"({len(pending)} piece(s) short)"
                         )
             except (NetworkError, UpstreamError):
-                attempt += 1
+                # Retries are counted per attempt that made no progress: a connection that
+                # keeps breaking after some pieces still gets the range done.
+                attempt = 1 if len(pending) < before else attempt + 1
                 self.stats.retries += 1
                 if attempt > SPAN_RETRIES:
                     raise
@@ -388,7 +391,7 @@ async def download(
     engine = SourceFetcher(source, sink, concurrency=concurrency, progress=progress, stats=stats)
     started = time.perf_counter()
     if missing:
-        if info.accepts_ranges and concurrency > 1:
+        if info.accepts_ranges:
             await engine.run_ranged()
         else:
             await engine.run_stream()

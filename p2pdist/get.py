@@ -129,13 +129,21 @@ def _progress(req: GetRequest, label: str) -> ProgressBar | None:
     return ProgressBar(label)
 
 
-def _summary(req: GetRequest, what: str, digest: Digest | None, stats: DownloadStats) -> None:
+def _summary(
+    req: GetRequest,
+    what: str,
+    digest: Digest | None,
+    stats: DownloadStats,
+    *,
+    verified: bool = True,
+) -> None:
     detail = f"{format_bytes(stats.size)}"
     if stats.received:
         detail += f" in {stats.seconds:.2f}s ({format_rate(stats.rate)})"
     elif stats.reused:
         detail += " (already in the local store)"
-    _say(req, f"{what} {digest if digest else ''} verified, {detail}".replace("  ", " "))
+    state = "verified" if verified else "fetched (not verified: no --digest)"
+    _say(req, f"{what} {digest if digest else ''} {state}, {detail}".replace("  ", " "))
 
 
 def _check_output(output: str) -> None:
@@ -270,7 +278,7 @@ async def _get_url_unverified(
         sink.discard()
         raise
     _say(req, "warning: no --digest given, so the content could not be verified")
-    _summary(req, "file", sink.digest, stats)
+    _summary(req, "file", sink.digest, stats, verified=False)
 
 
 async def _stream_unsized(req: GetRequest, source: UrlSource, bar: ProgressFn | None) -> None:

@@ -267,9 +267,11 @@ class PieceStore:
         return path if path.is_file() else None
 
     def checked_blob_path(self, digest: Digest) -> Path | None:
-        """Like :meth:`blob_path`, but a blob that shares its inode with an export (a hard
-        link outside the store, which its owner could have written to) is re-hashed first;
-        one that no longer matches its digest is removed and ``None`` returned."""
+        """Like :meth:`blob_path`, but a blob whose bytes may have changed since they were
+        verified is re-hashed first, and removed (``None`` returned) if they no longer
+        match.  "May have changed": its modification time differs from the one sealed at
+        commit (a write through an exported hard link), or it shares its inode and carries
+        no seal."""
         path = self._blob_file(digest)
         try:
             st = path.stat()
@@ -277,13 +279,20 @@ class PieceStore:
             return None
         except OSError as exc:
             raise _store_error(exc, "stat", path) from None
-        if st.st_nlink <= 1:
+        sealed = _sealed_mtime(path)
+        if sealed == st.st_mtime_ns or (sealed is None and st.st_nlink <= 1):
             return path
         h = digest.hasher()
         with _mapped("read", path), open(path, "rb") as f:
             while block := f.read(4 << 20):
                 h.update(block)
         if h.hexdigest() == digest.hex:
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _seal(fd)
+                finally:
+                    os.close(fd)
             return path
         with _mapped("remove corrupt blob", path):
             path.unlink(missing_ok=True)
@@ -296,6 +305,8 @@ class PieceStore:
         :meth:`checked_blob_path` re-verifies a blob whose inode is shared."""
         src = self._blob_file(digest)
         try:
+            if _sealed_mtime(src) is None:
+                raise OSError(errno.ENOTSUP, "blob carries no seal: copy, not link")
             os.link(src, dest)
             return
         except FileNotFoundError:
@@ -902,6 +913,7 @@ class Task:
                 # Read-only: a blob's bytes never change once verified (exports may be
                 # hard links, see PieceStore.export).
                 os.fchmod(data_fd, 0o444)
+                _seal(data_fd)
                 os.rename(self.data_path, dest)
                 _fsync_dir(dest.parent)
         except StoreError:
@@ -984,3 +996,21 @@ def _copy_file(src: Path, dest: Path) -> None:
             inp.seek(done)
             out.seek(done)
             shutil.copyfileobj(inp, out, 4 << 20)
+
+
+_SEAL = "user.p2pdist.mtime"
+
+
+def _seal(fd: int) -> None:
+    """Record a verified blob's modification time in an xattr: any later write to the
+    bytes (through an exported hard link) changes the mtime and breaks the seal.  On a
+    filesystem without user xattrs nothing is recorded, and exports are copies."""
+    with contextlib.suppress(OSError):
+        os.setxattr(fd, _SEAL, str(os.fstat(fd).st_mtime_ns).encode())
+
+
+def _sealed_mtime(path: Path) -> int | None:
+    try:
+        return int(os.getxattr(path, _SEAL))
+    except (OSError, ValueError):
+        return None
