@@ -1,0 +1,500 @@
+"""The scheduler's state machine, fed events directly: no sockets, no clock."""
+
+from __future__ import annotations
+
+import hashlib
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler import (
+    Ack,
+    Announce,
+    Assign,
+    Assignment,
+    BlobMismatch,
+    CompleteTask,
+    FailureReason,
+    Heartbeat,
+    HostLoad,
+    LeaveHost,
+    LeaveTask,
+    RegisterHost,
+    Rejected,
+    ReportPieceFailure,
+    ReportPieces,
+    Scheduler,
+    SchedulerConfig,
+    StartTask,
+    Unknown,
+)
+
+D = "sha256:" + "d" * 64
+PIECE = 1 << 20
+COUNT = 12
+SIZE = COUNT * PIECE - 1000  # last piece short
+H = {i: hashlib.sha256(f"piece{i}".encode()).hexdigest() for i in range(COUNT)}
+
+
+def join(s: Scheduler, hid: str, now: float = 0.0, zone: str = "", slots: int = 4) -> None:
+    assert s.handle(RegisterHost(hid, f"{hid}:7000", zone=zone, upload_slots=slots), now) == Ack()
+    assert s.handle(StartTask(hid, D, SIZE, PIECE), now) == Ack()
+
+
+def assign(s: Scheduler, hid: str, now: float = 0.0, n: int = 16) -> Assignment:
+    a = s.handle(Assign(hid, D, n), now)
+    assert isinstance(a, Assignment), a
+    return a
+
+
+def report_source(s: Scheduler, hid: str, pieces: list[int], now: float = 0.0) -> Ack:
+    ans = s.handle(ReportPieces(hid, D, tuple(pieces), {i: H[i] for i in pieces}, True), now)
+    assert isinstance(ans, Ack)
+    return ans
+
+
+def seed_with(s: Scheduler, hid: str, now: float = 0.0) -> None:
+    """``hid`` fetches the whole blob from the registry (all the leases it is given)."""
+    while True:
+        a = assign(s, hid, now)
+        if a.done:
+            break
+        assert a.from_source, a
+        report_source(s, hid, a.from_source, now)
+    assert s.handle(CompleteTask(hid, D), now) == Ack()
+
+
+# --- back-to-source spread ---------------------------------------------------------------
+
+
+def test_simultaneous_start_leases_each_piece_once_in_contiguous_runs() -> None:
+    s = Scheduler(SchedulerConfig(source_run_pieces=4))
+    for h in ("a", "b", "c"):
+        join(s, h)
+    runs = {h: assign(s, h).from_source for h in ("a", "b", "c")}
+    assert runs == {"a": [0, 1, 2, 3], "b": [4, 5, 6, 7], "c": [8, 9, 10, 11]}
+    for run in runs.values():
+        assert run == list(range(run[0], run[0] + len(run)))
+    # Nobody else is sent to the registry for a leased piece: they wait.
+    join(s, "d")
+    a = assign(s, "d")
+    assert (a.from_peers, a.from_source, a.done) == ([], [], False)
+    assert 0 < a.retry_after <= 0.2
+
+
+def test_reported_source_pieces_are_offered_with_their_hashes() -> None:
+    s = Scheduler(SchedulerConfig(max_pieces_per_parent=4))
+    for h in ("a", "b", "c"):
+        join(s, h)
+    leased = {h: assign(s, h).from_source for h in ("a", "b", "c")}
+    report_source(s, "a", leased["a"], 1.0)
+    a = assign(s, "b", 1.0)
+    got = {p.piece: p.parent_id for p in a.from_peers}
+    assert set(got) == set(leased["a"]) and set(got.values()) == {"a"}
+    assert a.piece_hashes == {i: H[i] for i in leased["a"]}
+    assert all(p.parent_addr == "a:7000" for p in a.from_peers)
+
+
+def test_source_fanout_two_leases_each_range_twice_but_new_ranges_first() -> None:
+    s = Scheduler(SchedulerConfig(source_fanout=2, source_run_pieces=6))
+    for h in ("a", "b", "c", "d"):
+        join(s, h)
+    got = [assign(s, h).from_source for h in ("a", "b", "c", "d")]
+    assert got[:2] == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    assert sorted(got[2] + got[3]) == list(range(12))
+
+
+def test_lease_expires_and_is_released_to_another() -> None:
+    s = Scheduler(SchedulerConfig(lease_timeout=10.0, heartbeat_timeout=1000.0))
+    join(s, "a")
+    join(s, "b")
+    first = assign(s, "a").from_source
+    s.handle(Heartbeat("a"), 5.0)
+    assert first[0] not in assign(s, "b", 5.0).from_source
+    assert assign(s, "b", 11.0).from_source[: len(first)] == first
+
+
+def test_source_failure_releases_the_lease() -> None:
+    s = Scheduler()
+    join(s, "a")
+    join(s, "b")
+    run = assign(s, "a").from_source
+    assert s.handle(ReportPieceFailure("a", D, None, run[0]), 0.0) == Ack()
+    assert assign(s, "b").from_source == [run[0]]
+
+
+# --- parents: choice, load, zones -----------------------------------------------------------
+
+
+def test_late_joiner_gets_everything_from_peers() -> None:
+    s = Scheduler(SchedulerConfig(max_pieces_per_parent=4))
+    for h in ("s1", "s2", "s3"):
+        join(s, h)
+    seed_with(s, "s1")
+    for h in ("s2", "s3"):
+        s.handle(Announce(h, D, SIZE, PIECE, complete=True), 0.0)
+    join(s, "late", 10.0)  # within the heartbeat timeout
+    a = assign(s, "late", 10.0)
+    assert not a.from_source and len(a.from_peers) == COUNT
+    per_parent: dict[str, int] = {}
+    for p in a.from_peers:
+        per_parent[p.parent_id] = per_parent.get(p.parent_id, 0) + 1
+    assert set(per_parent) == {"s1", "s2", "s3"} and max(per_parent.values()) <= 4
+
+
+def test_parent_upload_slots_and_per_parent_cap_respected() -> None:
+    s = Scheduler(SchedulerConfig(max_pieces_per_parent=2))
+    join(s, "seed", slots=3)
+    seed_with(s, "seed")
+    total = 0
+    for i in range(4):
+        join(s, f"c{i}")
+        a = assign(s, f"c{i}")
+        assert len(a.from_peers) <= 2
+        total += len(a.from_peers)
+    assert total == 3  # the seed's three slots, then everyone waits
+    assert assign(s, "c3").retry_after > 0
+    s.handle(ReportPieces("c0", D, tuple(range(COUNT)), None), 1.0)  # c0 reports: a slot frees
+
+
+def test_same_zone_parent_preferred() -> None:
+    s = Scheduler()
+    join(s, "far", zone="z2")
+    join(s, "near", zone="z1")
+    seed_with(s, "far")
+    s.handle(Announce("near", D, SIZE, PIECE, complete=True), 0.0)
+    join(s, "me", zone="z1")
+    a = assign(s, "me", n=2)
+    assert {p.parent_id for p in a.from_peers} == {"near"}
+
+
+def test_rarest_piece_first() -> None:
+    s = Scheduler()
+    for h in ("a", "b", "me"):
+        join(s, h)
+    report_source(s, "a", list(range(COUNT)))
+    s.handle(ReportPieces("b", D, tuple(range(COUNT - 1)), None), 0.0)  # b lacks the last
+    a = assign(s, "me", n=1)
+    assert [p.piece for p in a.from_peers] == [COUNT - 1]
+
+
+def test_busy_parent_from_heartbeat_is_avoided() -> None:
+    s = Scheduler()
+    join(s, "a")
+    join(s, "b")
+    join(s, "me")
+    report_source(s, "a", list(range(COUNT)))
+    s.handle(ReportPieces("b", D, tuple(range(COUNT)), None), 0.0)
+    s.handle(Heartbeat("a", HostLoad(upload_slots_in_use=4)), 0.0)
+    a = assign(s, "me")
+    assert {p.parent_id for p in a.from_peers} == {"b"}
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+def test_bad_hash_excludes_the_parent_for_the_task() -> None:
+    s = Scheduler()
+    for h in ("bad", "good", "me", "other"):
+        join(s, h)
+    report_source(s, "good", [0])
+    s.handle(ReportPieces("bad", D, tuple(range(COUNT)), {i: H[i] for i in range(COUNT)}, True), 0)
+    s.handle(ReportPieceFailure("good", D, None, 0), 0.0)
+    a = assign(s, "me")
+    bad_pieces = [p.piece for p in a.from_peers if p.parent_id == "bad"]
+    assert bad_pieces
+    ans = s.handle(ReportPieceFailure("me", D, "bad", bad_pieces[0], "bad_hash"), 1.0)
+    assert ans == Ack()
+    assert "bad" in s.tasks[D].excluded
+    assert not s.tasks[D].peers["bad"].have[bad_pieces[0]]
+    for who in ("me", "other"):
+        b = assign(s, who, 2.0)
+        assert all(p.parent_id != "bad" for p in b.from_peers)
+    # Its own later reports never make it a parent again.
+    s.handle(ReportPieces("bad", D, (bad_pieces[0],), {bad_pieces[0]: H[bad_pieces[0]]}), 3.0)
+    assert all(p.parent_id != "bad" for p in assign(s, "other", 3.0).from_peers)
+
+
+def test_error_penalises_then_forgives() -> None:
+    cfg = SchedulerConfig(error_penalty=5.0, heartbeat_timeout=1000.0)
+    s = Scheduler(cfg)
+    join(s, "p")
+    join(s, "me")
+    report_source(s, "p", list(range(COUNT)))
+    a = assign(s, "me", n=1)
+    piece = a.from_peers[0].piece
+    s.handle(ReportPieceFailure("me", D, "p", piece, "error"), 1.0)
+    assert assign(s, "me", 2.0).from_peers == []
+    assert [p.piece for p in assign(s, "me", 7.0, n=20).from_peers]
+
+
+def test_repeated_failures_bench_the_parent() -> None:
+    cfg = SchedulerConfig(
+        error_penalty=1.0, avoid_after_failures=3, avoid_duration=100.0, heartbeat_timeout=1e9
+    )
+    s = Scheduler(cfg)
+    join(s, "p")
+    join(s, "me")
+    report_source(s, "p", list(range(COUNT)))
+    t = 0.0
+    for _ in range(3):
+        t += 10.0
+        a = assign(s, "me", t, n=1)
+        assert a.from_peers, t
+        s.handle(ReportPieceFailure("me", D, "p", a.from_peers[0].piece, "error"), t)
+    assert assign(s, "me", t + 50.0).from_peers == []
+    assert assign(s, "me", t + 101.0).from_peers
+
+
+def test_parent_dying_releases_leases_and_stops_offering_pieces() -> None:
+    s = Scheduler(SchedulerConfig(heartbeat_timeout=10.0))
+    for h in ("dies", "b", "c"):
+        join(s, h)
+    run = assign(s, "dies").from_source
+    report_source(s, "dies", run[:2])  # half its run in, then it dies
+    assert {p.piece for p in assign(s, "b").from_peers} == set(run[:2])
+    s.handle(Heartbeat("b"), 8.0)
+    s.handle(Heartbeat("c"), 8.0)
+    assert s.tick(12.0) == ["dies"]
+    assert "dies" not in s.hosts and "dies" not in s.tasks[D].peers
+    a = assign(s, "c", 12.0)
+    assert all(p.parent_id != "dies" for p in a.from_peers)
+    # Its unreported pieces are leased again; b's assignment from it was released too.
+    assert set(run[2:]) <= set(a.from_source)
+    assert s.hosts["b"].serving == set() and not s.tasks[D].peers["b"].inflight
+    assert s.handle(Assign("dies", D), 12.0) == Unknown("host")
+
+
+def test_leave_host_releases_everything() -> None:
+    s = Scheduler()
+    join(s, "a")
+    join(s, "b")
+    run = assign(s, "a").from_source
+    assert s.handle(LeaveHost("a"), 1.0) == Ack()
+    assert assign(s, "b", 1.0).from_source == run
+    assert s.handle(LeaveHost("a"), 1.0) == Ack()  # repeat: harmless
+
+
+# --- integrity -------------------------------------------------------------------------------
+
+
+def test_no_peer_offer_without_hash_and_hashless_reports_rejected() -> None:
+    s = Scheduler()
+    join(s, "a")
+    join(s, "b")
+    ans = s.handle(ReportPieces("a", D, (0, 1), None, source=True), 0.0)
+    assert ans == Ack(rejected=(0, 1))
+    assert assign(s, "b").from_peers == []
+
+
+def test_conflicting_hash_rejected_first_wins() -> None:
+    s = Scheduler(SchedulerConfig(source_fanout=2))
+    join(s, "a")
+    join(s, "b")
+    report_source(s, "a", [0])
+    ans = s.handle(ReportPieces("b", D, (0,), {0: "e" * 64}, source=True), 0.0)
+    assert ans == Ack(rejected=(0,))
+    assert s.tasks[D].hashes[0] == H[0]
+    assert not s.tasks[D].peers["b"].have[0]
+
+
+def test_blob_mismatch_drops_hash_list_and_sends_everyone_to_source() -> None:
+    s = Scheduler()
+    for h in ("a", "b", "c"):
+        join(s, h)
+    report_source(s, "a", list(range(COUNT)))
+    b = assign(s, "b", 1.0)
+    s.handle(ReportPieces("b", D, tuple(p.piece for p in b.from_peers), None), 1.0)
+    assert s.handle(BlobMismatch("c", D, epoch=0), 2.0) == Ack()
+    task = s.tasks[D]
+    assert task.epoch == 1 and all(h is None for h in task.hashes)
+    assert all(pt.held == 0 for pt in task.peers.values())
+    a = assign(s, "b", 2.0)
+    assert a.from_peers == [] and a.from_source and a.epoch == 1
+    # A repeat (same old epoch) is ignored; stale peer-fetched reports are rejected.
+    report_source(s, "b", a.from_source, 3.0)
+    assert s.handle(BlobMismatch("c", D, epoch=0), 3.0) == Ack()
+    assert task.epoch == 1 and task.peers["b"].held == len(a.from_source)
+    stale = s.handle(ReportPieces("c", D, (0,), {0: H[0]}, epoch=0), 3.0)
+    assert stale == Ack(rejected=(0,))
+
+
+def test_blob_mismatch_keeps_digest_verified_seeds() -> None:
+    s = Scheduler()
+    join(s, "seed")
+    join(s, "x")
+    seed_with(s, "seed")
+    s.handle(BlobMismatch("x", D), 1.0)
+    a = assign(s, "x", 1.0)
+    assert a.from_peers == [] and a.from_source  # no hashes yet: back to the registry
+    report_source(s, "x", a.from_source, 2.0)
+    join(s, "y", 2.0)
+    b = assign(s, "y", 2.0)
+    assert {p.parent_id for p in b.from_peers} >= {"seed"}
+
+
+# --- unknown, restarts, idempotency ------------------------------------------------------------
+
+
+def test_unknown_host_and_task_answers() -> None:
+    s = Scheduler()
+    assert s.handle(Heartbeat("ghost"), 0.0) == Unknown("host")
+    assert s.handle(Assign("ghost", D), 0.0) == Unknown("host")
+    s.handle(RegisterHost("h", "h:1"), 0.0)
+    assert s.handle(Assign("h", D), 0.0) == Unknown("task")
+    assert s.handle(ReportPieces("h", D, (0,), {0: H[0]}, True), 0.0) == Unknown("task")
+    assert s.handle(CompleteTask("h", D), 0.0) == Unknown("task")
+    assert s.handle(BlobMismatch("h", D), 0.0) == Unknown("task")
+    assert s.handle(ReportPieceFailure("h", D, "x", 0), 0.0) == Unknown("task")
+    assert s.handle(LeaveTask("h", D), 0.0) == Ack()
+    join(s, "other")
+    assert s.handle(Assign("h", D), 0.0) == Unknown("task")  # task known, host not in it
+
+
+def test_invalid_and_conflicting_plans_rejected() -> None:
+    s = Scheduler()
+    join(s, "a")
+    s.handle(RegisterHost("b", "b:1"), 0.0)
+    assert isinstance(s.handle(StartTask("b", D, -1, PIECE), 0.0), Rejected)
+    ans = s.handle(StartTask("b", D, SIZE, PIECE * 2), 0.0)
+    assert ans == Rejected("plan_conflict", ans.message, SIZE, PIECE)  # type: ignore[union-attr]
+    assert isinstance(s.handle(RegisterHost("", "x"), 0.0), Rejected)
+
+
+def test_restart_rebuilds_from_announcements() -> None:
+    old = Scheduler()
+    for h in ("seed", "half", "new"):
+        join(old, h)
+    seed_with(old, "seed")
+    half = tuple(range(COUNT // 2))
+    old.handle(ReportPieces("half", D, half, None), 1.0)
+
+    s = Scheduler()  # restarted: knows nothing
+    for h in ("seed", "half", "new"):
+        assert s.handle(Heartbeat(h), 10.0) == Unknown("host")
+        s.handle(RegisterHost(h, f"{h}:7000"), 10.0)
+        assert s.handle(Assign(h, D), 10.0) == Unknown("task")
+    s.handle(Announce("seed", D, SIZE, PIECE, complete=True, hashes=H), 10.0)
+    ans = s.handle(Announce("half", D, SIZE, PIECE, half, hashes={i: H[i] for i in half}), 10.0)
+    assert ans == Ack()
+    s.handle(StartTask("new", D, SIZE, PIECE), 10.0)
+    task, old_task = s.tasks[D], old.tasks[D]
+    assert task.hashes == old_task.hashes
+    for h in ("seed", "half"):
+        assert task.peers[h].have == old_task.peers[h].have
+    assert assign(s, "seed", 10.0).done
+    a = assign(s, "new", 10.0)
+    assert a.from_peers and not a.from_source
+    assert all(a.piece_hashes[p.piece] == H[p.piece] for p in a.from_peers)
+
+
+def test_duplicate_events_are_idempotent() -> None:
+    s = Scheduler()
+    for _ in range(2):
+        join(s, "a")
+        join(s, "b")
+    run = assign(s, "a").from_source
+    for _ in range(3):
+        assert report_source(s, "a", run, 1.0) == Ack()
+    assert s.tasks[D].peers["a"].held == len(run)
+    a = assign(s, "b", 1.0, n=1)
+    p = a.from_peers[0]
+    for _ in range(3):
+        s.handle(ReportPieceFailure("b", D, p.parent_id, p.piece, "error"), 2.0)
+    assert len(s.hosts["a"].failures) == 1  # only the one matching an assignment counted
+    for _ in range(2):
+        s.handle(CompleteTask("a", D), 3.0)
+        s.handle(RegisterHost("a", "a:7001", zone="z9"), 3.0)
+    assert s.hosts["a"].addr == "a:7001"
+    assert "a" in s.tasks[D].zone_holders[0]["z9"]
+    assert "" not in s.tasks[D].zone_holders[0] or "a" not in s.tasks[D].zone_holders[0][""]
+
+
+def test_host_expiry_on_any_event() -> None:
+    s = Scheduler(SchedulerConfig(heartbeat_timeout=5.0))
+    join(s, "a")
+    join(s, "b", 4.0)
+    s.handle(Heartbeat("b"), 6.0)  # implicit tick: "a" silent for 6 s
+    assert "a" not in s.hosts and "b" in s.hosts
+    assert s.handle(Heartbeat("a"), 6.0) == Unknown("host")
+
+
+def test_last_peer_leaving_forgets_the_task() -> None:
+    s = Scheduler()
+    join(s, "a")
+    s.handle(LeaveTask("a", D), 0.0)
+    assert D not in s.tasks
+    assert s.handle(Assign("a", D), 0.0) == Unknown("task")
+
+
+# --- property: assignments never break the rules ---------------------------------------------
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["assign", "report", "fail", "bad", "leave", "join", "tick", "mismatch"]),
+        st.integers(0, 5),  # host
+        st.integers(0, COUNT - 1),  # piece
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_assignments_respect_the_rules(script: list[tuple[str, int, int]]) -> None:
+    s = Scheduler(SchedulerConfig(heartbeat_timeout=3.0, lease_timeout=2.0), seed=7)
+    now = 0.0
+    alive: dict[str, float] = {}
+    for k in range(3):
+        join(s, f"h{k}", now, zone=f"z{k % 2}")
+        alive[f"h{k}"] = now
+    for op, k, piece in script:
+        now += 0.5
+        hid = f"h{k}"
+        if op == "join":
+            join(s, hid, now, zone=f"z{k % 2}")
+            alive[hid] = now
+            continue
+        if op == "tick":
+            s.tick(now)
+            continue
+        if op == "leave":
+            s.handle(LeaveHost(hid), now)
+            alive.pop(hid, None)
+            continue
+        if hid not in s.hosts or D not in s.tasks or hid not in s.tasks[D].peers:
+            continue
+        alive[hid] = now
+        if op == "report":
+            s.handle(ReportPieces(hid, D, (piece,), {piece: H[piece]}, True), now)
+        elif op == "mismatch":
+            s.handle(BlobMismatch(hid, D), now)
+        elif op in ("fail", "bad"):
+            parent = f"h{(k + 1) % 6}"
+            reason: FailureReason = "bad_hash" if op == "bad" else "error"
+            s.handle(ReportPieceFailure(hid, D, parent, piece, reason), now)
+        else:
+            a = s.handle(Assign(hid, D, 8), now)
+            if not isinstance(a, Assignment):
+                continue
+            task = s.tasks[D]
+            for src in a.from_peers:
+                assert src.parent_id != hid
+                assert src.parent_id not in task.excluded
+                assert src.parent_id in s.hosts
+                assert now - alive[src.parent_id] < 3.0  # not an expired host
+                assert task.hashes[src.piece] is not None
+                assert a.piece_hashes[src.piece] == task.hashes[src.piece]
+                assert task.peers[src.parent_id].have[src.piece]
+                assert s.hosts[src.parent_id].penalised_until <= now
+            for i in a.from_source:
+                assert len(task.leases[i]) <= s.config.source_fanout
+            if a.from_source:
+                assert a.from_source == list(range(a.from_source[0], a.from_source[-1] + 1))
+        # invariants of the indexes
+        if D in s.tasks:
+            task = s.tasks[D]
+            for i in range(task.count):
+                for holder in task.holders[i]:
+                    assert holder in task.peers and task.peers[holder].have[i]
+                    assert holder not in task.excluded and holder in s.hosts
