@@ -58,6 +58,7 @@ Design
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import errno
 import http
@@ -695,19 +696,13 @@ class _Prepared:
             await _aclose(stream)
 
 
+_NO_EVENT: Final = h11.Response(status_code=200, headers=[])
+
+
 async def _aclose(it: object) -> None:
     aclose = getattr(it, "aclose", None)
     if aclose is not None:
         await aclose()
-
-
-async def _discard_body(body: Body) -> None:
-    """Release what a body holds without sending it."""
-    if isinstance(body, FileBody):
-        if body.fd is not None:
-            os.close(body.fd)
-    elif not isinstance(body, bytes | bytearray | memoryview):
-        await _aclose(body)
 
 
 def _http_error_in(exc: BaseException) -> HTTPError | None:
@@ -728,6 +723,7 @@ class _Connection:
             h11.SERVER, max_incomplete_event_size=server.config.max_header_bytes
         )
         self.must_close = False
+        self.body_sent = 0  # body bytes of the current response that went out
 
     # ---- receiving
 
@@ -820,8 +816,9 @@ class _Connection:
         headers = Headers(event.headers)
         declared: int | None = None
         length_header = headers.get("content-length")
-        if length_header is not None:
-            declared = int(length_header)  # h11 validated it
+        if length_header is not None and "transfer-encoding" not in headers:
+            with contextlib.suppress(ValueError):
+                declared = int(length_header)  # h11 validated it; be safe anyway
         request = Request(
             event.method.decode("latin-1"),
             target,
@@ -832,13 +829,13 @@ class _Connection:
             _WireBody(self, declared),
         )
         status = 0
-        sent = 0
+        self.body_sent = 0
         try:
             response = await self.call_handler(request)
             prepared = await self.prepare_or_error(request, response)
             status = prepared.status
             try:
-                sent = await self.send_prepared(request, prepared)
+                await self.send_prepared(request, prepared)
             finally:
                 await prepared.release()
             return True
@@ -848,7 +845,7 @@ class _Connection:
             hook = self.config.on_response
             if hook is not None and status:
                 try:
-                    hook(request, status, sent, trio.current_time() - start)
+                    hook(request, status, self.body_sent, trio.current_time() - start)
                 except Exception:
                     logger.exception("on_response hook failed")
 
@@ -886,8 +883,19 @@ class _Connection:
         return await self.prepare(request, _internal_error_response())
 
     async def prepare(self, request: Request, response: Response) -> _Prepared:
-        """Build the head and open the body; on failure release what the body held."""
+        """Build the head and open the body.
+
+        The body's resources (a FileBody's fd, a stream's iterator) move into the
+        returned :class:`_Prepared` first thing, so that every failure releases them
+        exactly once (``_Prepared.release`` is idempotent).
+        """
+        prepared = _Prepared(_NO_EVENT, response.status)
         body = response.body
+        if isinstance(body, FileBody):
+            if body.fd is not None:
+                prepared.fd, prepared.close_fd = body.fd, True
+        elif not isinstance(body, bytes | bytearray | memoryview):
+            prepared.stream = aiter(body)
         try:
             no_body = request.method == "HEAD" or response.status in (204, 304)
             headers = [
@@ -909,7 +917,6 @@ class _Connection:
                 or self.h11.their_state is h11.ERROR
             ):
                 headers.append(("Connection", "close"))
-            prepared = _Prepared(h11.Response(status_code=200, headers=[]), response.status)
 
             if isinstance(body, bytes | bytearray | memoryview):
                 data = bytes(body)
@@ -928,55 +935,42 @@ class _Connection:
                 if handler_length is not None:
                     headers.append(("Content-Length", handler_length))
                 if no_body:
-                    await _aclose(body)
+                    await prepared.release()
                 else:
-                    prepared.stream = aiter(body)
+                    assert prepared.stream is not None
                     try:
                         prepared.first = await anext(prepared.stream)
                     except StopAsyncIteration:
                         prepared.first = None
-            body = b""  # now owned by `prepared`
-            try:
-                prepared.event = h11.Response(
-                    status_code=response.status,
-                    headers=headers,
-                    reason=_reason(response.status),
-                )
-            except BaseException:
-                await prepared.release()
-                raise
+            prepared.event = h11.Response(
+                status_code=response.status,
+                headers=headers,
+                reason=_reason(response.status),
+            )
             return prepared
         except BaseException:
-            await _discard_body(body)
+            await prepared.release()
             raise
 
     async def open_file(self, body: FileBody, prepared: _Prepared, *, open_it: bool) -> int:
-        """Resolve a FileBody's length; open it into ``prepared`` unless ``open_it`` is False."""
+        """The length of a FileBody's range; leaves its fd open in ``prepared`` when
+        ``open_it``, else never opens the file (HEAD) and releases a given fd."""
         await trio.lowlevel.checkpoint()
         if not open_it:
-            if body.fd is not None:
-                try:
-                    size = os.fstat(body.fd).st_size
-                finally:
-                    os.close(body.fd)
-            elif body.length is not None:
+            if body.length is not None and body.fd is None:
                 return body.length
+            if prepared.fd is not None:
+                size = os.fstat(prepared.fd).st_size
+                await prepared.release()
             else:
                 assert body.path is not None
                 size = os.stat(body.path).st_size
             return _file_range_length(body, size)
-        if body.fd is not None:
-            fd = body.fd
-        else:
+        if prepared.fd is None:
             assert body.path is not None
-            fd = os.open(body.path, os.O_RDONLY | os.O_CLOEXEC)
-        prepared.fd, prepared.close_fd = fd, True
-        try:
-            length = _file_range_length(body, os.fstat(fd).st_size)
-        except BaseException:
-            prepared.fd = None
-            os.close(fd)
-            raise
+            prepared.fd = os.open(body.path, os.O_RDONLY | os.O_CLOEXEC)
+            prepared.close_fd = True
+        length = _file_range_length(body, os.fstat(prepared.fd).st_size)
         prepared.offset, prepared.length = body.offset, length
         return length
 
@@ -1008,6 +1002,7 @@ class _Connection:
             await self.send_bytes(head)
             self.h11.send_with_data_passthrough(h11.Data(data=cast(bytes, _Placeholder(p.length))))
             sent = await self.send_file(p.fd, p.offset, p.length)
+            await p.release()  # close the file before the client can see the end
             await self.send_bytes(self.h11.send(h11.EndOfMessage()) or b"")
             return sent
         if p.stream is not None:
@@ -1017,6 +1012,7 @@ class _Connection:
             parts += self.h11.send_with_data_passthrough(h11.Data(data=p.data)) or []
         parts.append(self.h11.send(h11.EndOfMessage()) or b"")
         await self.send_parts(parts)
+        self.body_sent += len(p.data)
         return len(p.data)
 
     async def send_stream(self, request: Request, head: bytes, p: _Prepared) -> int:
@@ -1031,6 +1027,7 @@ class _Connection:
                     await self.send_parts(pending)
                     pending = []
                     sent += len(chunk)
+                    self.body_sent += len(chunk)
                 try:
                     chunk = await anext(p.stream)
                 except StopAsyncIteration:
@@ -1095,8 +1092,10 @@ class _Connection:
                     logger.warning("file shrank while being sent; closing the connection")
                     raise _Aborted
                 sent += n
-                scope.deadline = trio.current_time() + timeout
-                await trio.lowlevel.checkpoint()
+                self.body_sent += n
+                if sent < length:
+                    scope.deadline = trio.current_time() + timeout
+                    await trio.lowlevel.checkpoint()  # fairness: let other tasks run
         if scope.cancelled_caught:
             raise trio.TooSlowError
         return sent
@@ -1113,6 +1112,7 @@ class _Connection:
                 raise _Aborted
             await self.send_bytes(view[:n])
             sent += n
+            self.body_sent += n
         return sent
 
     async def send_protocol_error(self, status: int, message: str) -> None:

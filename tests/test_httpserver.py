@@ -376,6 +376,80 @@ async def test_file_body_fallback_without_sendfile(
         assert (await c.get("/")).content == data[7:]
 
 
+async def test_client_disconnect_mid_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, LOGGER)
+    path = tmp_path / "big"
+    _write_file(path, 32)
+    seen: list[tuple[int, int]] = []
+    first_done = trio.Event()
+
+    def hook(request: Request, status: int, sent: int, seconds: float) -> None:
+        seen.append((status, sent))
+        first_done.set()
+
+    async def handler(request: Request) -> Response:
+        return Response(200, [], FileBody(path))
+
+    async with running(handler, ServerConfig(on_response=hook)) as info:
+        stream = await trio.open_tcp_stream(info.host, info.port)
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = 0
+        while got < 1 << 20:
+            got += len(await stream.receive_some(65536))
+        await stream.aclose()
+        with trio.fail_after(5):
+            await first_done.wait()
+        async with client(info) as c:
+            r = await c.get("/")
+            assert len(r.content) == 32 << 20
+    assert seen[0][0] == 200 and 0 < seen[0][1] < 32 << 20  # partial count reported
+    assert seen[1] == (200, 32 << 20)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_head_releases_fd_and_stream(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    fds: list[int] = []
+    closed = trio.Event()
+
+    async def gen() -> AsyncIterator[bytes]:
+        try:
+            yield b"never sent"
+        finally:
+            closed.set()
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/fd":
+            fd = os.open(path, os.O_RDONLY)
+            fds.append(fd)
+            return Response(200, [], FileBody(fd=fd, offset=2))
+        g = gen()
+        await anext(g)  # started: aclose must run its finally
+        return Response(200, [("Content-Length", "10")], g)
+
+    async with running(handler) as info, client(info) as c:
+        h = await c.head("/fd")
+        assert (h.headers["content-length"], h.content) == ("8", b"")
+        with pytest.raises(OSError):
+            os.fstat(fds[0])
+        h = await c.head("/stream")
+        assert (h.headers["content-length"], h.content) == ("10", b"")
+        assert closed.is_set()
+
+
+async def test_read_timeout_is_408() -> None:
+    async def handler(request: Request) -> Response:
+        return Response(200, [], await request.read_body())
+
+    async with running(handler, ServerConfig(read_timeout=0.2)) as info:
+        out = await raw_exchange(
+            info, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"
+        )
+        assert out.startswith(b"HTTP/1.1 408 ")
+        assert b"connection: close" in out.lower()
+
+
 # --------------------------------------------------------------------------- parse_range
 
 
