@@ -389,6 +389,21 @@ class PieceStore:
                         out.append(digest)
         return out
 
+    def list_blobs(self) -> list[tuple[Digest, int]]:
+        """``(digest, size)`` of every complete blob (sorted by digest)."""
+        out: list[tuple[Digest, int]] = []
+        blobs = self.root / "blobs"
+        with _mapped("list", blobs):
+            for alg_dir in sorted(p for p in blobs.iterdir() if p.is_dir()):
+                for entry in sorted(alg_dir.iterdir()):
+                    try:
+                        digest = Digest.parse(f"{alg_dir.name}:{entry.name}")
+                        size = entry.stat().st_size
+                    except (InvalidDigest, OSError):
+                        continue
+                    out.append((digest, size))
+        return out
+
     def close(self) -> None:
         """Close every ``Task`` of this store that is still open."""
         with self._open_lock:

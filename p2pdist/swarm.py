@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import httpx
 import trio
+
+from scheduler import Assignment, PieceSource
 
 from .digest import Digest
 from .download import DownloadStats, ProgressFn, SourceFetcher, download
@@ -38,27 +40,11 @@ from .source import Source, SourceInfo
 if TYPE_CHECKING:
     from .store import Task
 
-__all__ = ["Assignment", "PeerPiece", "SchedulerLink", "SwarmStats", "swarm_download"]
+__all__ = ["SchedulerLink", "SwarmStats", "swarm_download"]
 
 log = logging.getLogger("p2pdist.swarm")
 
 FailureReason = Literal["bad_hash", "error", "slow", "refused"]
-
-
-@dataclass(frozen=True, slots=True)
-class PeerPiece:
-    piece: int
-    parent_id: str
-    parent_addr: str
-
-
-@dataclass(frozen=True, slots=True)
-class Assignment:
-    piece_hashes: dict[int, str] = field(default_factory=dict)
-    from_peers: tuple[PeerPiece, ...] = ()
-    from_source: tuple[int, ...] = ()
-    retry_after: float = 0.1
-    done: bool = False
 
 
 class SchedulerLink(Protocol):
@@ -70,8 +56,16 @@ class SchedulerLink(Protocol):
     async def assign(self, digest: Digest, max_pieces: int) -> Assignment: ...
 
     async def report_pieces(
-        self, digest: Digest, pieces: Sequence[int], hashes: dict[int, str] | None
-    ) -> None: ...
+        self,
+        digest: Digest,
+        pieces: Sequence[int],
+        hashes: dict[int, str] | None,
+        *,
+        source: bool,
+        epoch: int | None,
+    ) -> tuple[int, ...]:
+        """Returns the pieces the scheduler rejected (to drop and refetch)."""
+        ...
 
     async def report_failure(
         self, digest: Digest, parent_id: str, piece: int, reason: FailureReason
@@ -79,7 +73,7 @@ class SchedulerLink(Protocol):
 
     async def complete(self, digest: Digest) -> None: ...
 
-    async def mismatch(self, digest: Digest) -> None: ...
+    async def mismatch(self, digest: Digest, epoch: int | None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -124,9 +118,10 @@ class _Swarm:
         self.inflight: set[int] = set()
         self.slots = trio.Semaphore(concurrency)
         self.changed = trio.Event()
-        self.pending_report: list[int] = []
-        self.pending_hashes: dict[int, str] = {}
+        self.pending_peer: list[int] = []
+        self.pending_source: dict[int, str] = {}
         self.report_wanted = trio.Event()
+        self.epoch: int | None = None
 
     def _progressed(self) -> None:
         if self.progress is not None:
@@ -136,17 +131,29 @@ class _Swarm:
     # -- reporting ------------------------------------------------------------------------
 
     def _record(self, index: int, sha: str | None) -> None:
-        self.pending_report.append(index)
-        if sha is not None:
-            self.pending_hashes[index] = sha
+        if sha is None:
+            self.pending_peer.append(index)
+        else:
+            self.pending_source[index] = sha
         self.report_wanted.set()
 
     async def _flush_reports(self) -> None:
-        if not self.pending_report:
-            return
-        pieces, self.pending_report = self.pending_report, []
-        hashes, self.pending_hashes = self.pending_hashes, {}
-        await self.link.report_pieces(self.digest, pieces, hashes or None)
+        rejected: tuple[int, ...] = ()
+        if self.pending_source:
+            hashes, self.pending_source = self.pending_source, {}
+            rejected += await self.link.report_pieces(
+                self.digest, sorted(hashes), hashes, source=True, epoch=self.epoch
+            )
+        if self.pending_peer:
+            pieces, self.pending_peer = self.pending_peer, []
+            rejected += await self.link.report_pieces(
+                self.digest, pieces, None, source=False, epoch=self.epoch
+            )
+        if rejected:
+            # The scheduler's hash list disagrees with what we stored: those pieces must
+            # not be served or kept; the whole-blob check settles who was right.
+            log.warning("scheduler rejected pieces %s of %s", list(rejected)[:8], self.digest)
+            await trio.to_thread.run_sync(self.task.verify_pieces)
 
     async def _reporter(self) -> None:
         """Batches completed pieces: at most one report in flight, sent as soon as the
@@ -158,7 +165,7 @@ class _Swarm:
 
     # -- fetching -------------------------------------------------------------------------
 
-    async def _from_parent(self, pp: PeerPiece) -> None:
+    async def _from_parent(self, pp: PieceSource) -> None:
         index = pp.piece
         try:
             expected = self.hashes.get(index)
@@ -217,6 +224,7 @@ class _Swarm:
                     self.changed = trio.Event()
                     want = max(1, self.concurrency * 2 - len(self.inflight))
                     assignment = await self.link.assign(self.digest, want)
+                    self.epoch = assignment.epoch
                     self.hashes.update(assignment.piece_hashes)
                     started = await self._start(assignment, workers)
                     if not started:
@@ -272,6 +280,7 @@ async def swarm_download(
     stats = SwarmStats(size=task.plan.size)
     stats.reused = task.verified_bytes
     started = time.perf_counter()
+    epoch: int | None = None
     if link is not None and task.missing():
         swarm = _Swarm(
             task,
@@ -286,6 +295,7 @@ async def swarm_download(
         try:
             with collapse_groups():
                 await swarm.run()
+            epoch = swarm.epoch
         except NetworkError as exc:
             if isinstance(exc, PeerError):
                 raise
@@ -303,7 +313,7 @@ async def swarm_download(
         log.warning(
             "blob %s failed its digest after the swarm: refetching from the registry", task.digest
         )
-        await _quietly(link.mismatch(task.digest))
+        await _quietly(link.mismatch(task.digest, epoch))
         raise
     stats.from_source += dstats.received
     stats.seconds = time.perf_counter() - started

@@ -1,0 +1,196 @@
+"""The daemon's side of the scheduler API: events as JSON over HTTP, failover between
+scheduler URLs, and the re-registration dance after a scheduler restart.
+
+A restarted scheduler knows nothing: it answers :class:`~scheduler.Unknown`.  The client
+then registers the host again, re-announces every blob and partial task the node holds
+(so the scheduler rebuilds its picture from the daemons), and repeats the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+import httpx
+import trio
+
+from scheduler import (
+    Ack,
+    Announce,
+    Answer,
+    Assign,
+    Assignment,
+    BlobMismatch,
+    CompleteTask,
+    Heartbeat,
+    HostLoad,
+    LeaveHost,
+    RegisterHost,
+    Rejected,
+    ReportPieceFailure,
+    ReportPieces,
+    StartTask,
+    Unknown,
+)
+from scheduler._codec import decode_answer, encode
+
+from .digest import Digest
+from .errors import NetworkError
+from .swarm import FailureReason
+
+__all__ = ["SchedulerClient"]
+
+log = logging.getLogger("p2pdist.schedclient")
+
+AnnounceFn = Callable[[], Awaitable[list[Announce]]]
+
+
+class SchedulerUnavailable(NetworkError):
+    pass
+
+
+class SchedulerClient:
+    """Implements :class:`p2pdist.swarm.SchedulerLink` for one host."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        host: RegisterHost,
+        *,
+        http: httpx.AsyncClient,
+        announcements: AnnounceFn,
+        timeout: float = 5.0,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one scheduler URL is needed")
+        self.urls = list(urls)
+        self.host = host
+        self.http = http
+        self.announcements = announcements
+        self.timeout = timeout
+        self._current = 0
+        self._registered = False
+        self._register_lock = trio.Lock()
+        self._plans: dict[str, tuple[int, int]] = {}
+
+    @property
+    def host_id(self) -> str:
+        return self.host.host_id
+
+    # -- transport ------------------------------------------------------------------------
+
+    async def _post(self, event: Any) -> Answer:
+        body = encode(event)
+        last: Exception | None = None
+        for attempt in range(len(self.urls)):
+            url = self.urls[(self._current + attempt) % len(self.urls)]
+            try:
+                with trio.fail_after(self.timeout):
+                    resp = await self.http.post(f"{url}/api/v1/events", json=body)
+            except (httpx.TransportError, trio.TooSlowError) as exc:
+                last = exc
+                continue
+            if resp.status_code >= 500:
+                last = NetworkError(f"scheduler {url} answered {resp.status_code}")
+                continue
+            if resp.status_code != 200:
+                raise NetworkError(
+                    f"scheduler {url} refused {type(event).__name__}: "
+                    f"{resp.status_code} {resp.text[:200]}"
+                )
+            self._current = (self._current + attempt) % len(self.urls)
+            try:
+                return decode_answer(resp.json())
+            except ValueError as exc:
+                raise NetworkError(f"scheduler {url}: malformed answer: {exc}") from None
+        raise SchedulerUnavailable(
+            f"no scheduler reachable ({', '.join(self.urls)}): {type(last).__name__}"
+        )
+
+    async def call(self, event: Any) -> Answer:
+        """Send ``event``; on ``Unknown`` re-register/re-announce and send it again."""
+        if not self._registered:
+            await self.register()
+        answer = await self._post(event)
+        if isinstance(answer, Unknown):
+            if answer.kind == "host":
+                self._registered = False
+                await self.register()
+            else:
+                await self._reannounce_task(getattr(event, "digest", ""))
+            answer = await self._post(event)
+        return answer
+
+    async def register(self) -> None:
+        async with self._register_lock:
+            if self._registered:
+                return
+            answer = await self._post(self.host)
+            if not isinstance(answer, Ack):
+                raise NetworkError(f"scheduler refused registration: {answer}")
+            self._registered = True
+            for ann in await self.announcements():
+                await self._post(ann)
+
+    async def _reannounce_task(self, digest: str) -> None:
+        for ann in await self.announcements():
+            if ann.digest == digest:
+                await self._post(ann)
+                return
+        plan = self._plans.get(digest)
+        if plan is not None:
+            await self._post(StartTask(self.host_id, digest, *plan))
+
+    async def heartbeat_forever(
+        self, load: Callable[[], HostLoad], interval: float = 5.0
+    ) -> NoReturn:
+        while True:
+            try:
+                await self.call(Heartbeat(self.host_id, load()))
+            except NetworkError as exc:
+                log.info("heartbeat: %s", exc)
+            await trio.sleep(interval)
+
+    async def leave(self) -> None:
+        with contextlib.suppress(NetworkError):
+            await self._post(LeaveHost(self.host_id))
+
+    # -- SchedulerLink ----------------------------------------------------------------------
+
+    async def start_task(self, digest: Digest, size: int, piece_size: int) -> None:
+        self._plans[str(digest)] = (size, piece_size)
+        answer = await self.call(StartTask(self.host_id, str(digest), size, piece_size))
+        if isinstance(answer, Rejected):
+            raise NetworkError(f"scheduler rejected task {digest}: {answer.message}")
+
+    async def assign(self, digest: Digest, max_pieces: int) -> Assignment:
+        answer = await self.call(Assign(self.host_id, str(digest), max_pieces))
+        if not isinstance(answer, Assignment):
+            raise NetworkError(f"scheduler answered {type(answer).__name__} to Assign")
+        return answer
+
+    async def report_pieces(
+        self,
+        digest: Digest,
+        pieces: Sequence[int],
+        hashes: dict[int, str] | None,
+        *,
+        source: bool,
+        epoch: int | None,
+    ) -> tuple[int, ...]:
+        event = ReportPieces(self.host_id, str(digest), tuple(pieces), hashes, source, epoch)
+        answer = await self.call(event)
+        return answer.rejected if isinstance(answer, Ack) else ()
+
+    async def report_failure(
+        self, digest: Digest, parent_id: str, piece: int, reason: FailureReason
+    ) -> None:
+        await self.call(ReportPieceFailure(self.host_id, str(digest), parent_id, piece, reason))
+
+    async def complete(self, digest: Digest) -> None:
+        await self.call(CompleteTask(self.host_id, str(digest)))
+
+    async def mismatch(self, digest: Digest, epoch: int | None) -> None:
+        await self.call(BlobMismatch(self.host_id, str(digest), epoch))

@@ -1,0 +1,97 @@
+"""The scheduler's thin I/O layer: HTTP/JSON around the pure :class:`Scheduler`.
+
+Endpoints (all JSON):
+
+* ``POST /api/v1/events`` — one event (``{"type": "Assign", ...}``, see ``_events``);
+  answers the :class:`Answer` as JSON (``{"type": "Assignment", ...}``).  400 for a
+  malformed event.
+* ``GET /healthz`` (alive), ``GET /readyz`` (serving), ``GET /api/v1/stats``.
+
+The clock is trio's (monotonic); a background loop calls :meth:`Scheduler.tick` so hosts
+that stop sending heartbeats expire even when nobody asks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import NoReturn
+
+import trio
+
+from p2pdist.httpserver import HTTPError, Request, Response, ServerConfig, ServerInfo, serve_http
+
+from ._codec import decode_event, encode
+from ._config import SchedulerConfig
+from ._core import Scheduler
+
+__all__ = ["SchedulerService", "serve_scheduler"]
+
+log = logging.getLogger("p2pdist.scheduler")
+
+MAX_EVENT_BYTES = 8 << 20
+
+
+@dataclass
+class SchedulerService:
+    scheduler: Scheduler
+    started: float = 0.0
+    events: int = 0
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    async def handle(self, request: Request) -> Response:
+        if request.path == "/api/v1/events":
+            if request.method != "POST":
+                raise HTTPError(405, "use POST", headers=[("Allow", "POST")])
+            body = await request.read_body(MAX_EVENT_BYTES)
+            try:
+                event = decode_event(json.loads(body))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise HTTPError(400, f"invalid event: {exc}") from None
+            self.events += 1
+            answer = self.scheduler.handle(event, self.now())
+            return Response.json(encode(answer))
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "method not allowed")
+        if request.path in ("/healthz", "/readyz"):
+            return Response.json({"status": "ok"})
+        if request.path == "/api/v1/stats":
+            return Response.json(
+                {
+                    "hosts": len(self.scheduler.hosts),
+                    "tasks": len(self.scheduler.tasks),
+                    "events": self.events,
+                    "uptime_seconds": round(time.monotonic() - self.started, 1),
+                }
+            )
+        raise HTTPError(404, "not found")
+
+    async def tick_forever(self, interval: float = 1.0) -> NoReturn:
+        while True:
+            await trio.sleep(interval)
+            expired = self.scheduler.tick(self.now())
+            for host_id in expired:
+                log.info("host %s expired (no heartbeat)", host_id)
+
+
+async def serve_scheduler(
+    host: str,
+    port: int,
+    *,
+    config: SchedulerConfig | None = None,
+    task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Run a scheduler on ``host:port`` forever (``port=0``: an ephemeral port)."""
+    service = SchedulerService(Scheduler(config), started=time.monotonic())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.tick_forever)
+        serve = partial(serve_http, config=ServerConfig(keepalive_timeout=300.0))
+        info = await nursery.start(serve, service.handle, host, port)
+        log.info("scheduler listening on %s", info.url)
+        task_status.started(info)
+    raise AssertionError("unreachable")
