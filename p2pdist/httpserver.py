@@ -416,7 +416,9 @@ class Request:
         Raises ``HTTPError(413)`` when it is longer than ``limit`` (checked against the
         declared ``Content-Length`` before reading), ``HTTPError(400)`` for a malformed
         body or a client that went away, ``HTTPError(408)`` when the client stalls for
-        ``read_timeout``.  Calling it again returns the same bytes.
+        ``read_timeout``.  Calling it again returns the same bytes.  Call it from the
+        handler (not from a task that outlives it): after the handler returns, an unread
+        body is drained or the connection closed.
         """
         return await self._body.read(limit)
 
@@ -512,7 +514,9 @@ async def serve_http(
     """Serve ``handler`` over HTTP/1.1 on ``host:port`` (0 = an ephemeral port) forever.
 
     Use ``info = await nursery.start(serve_http, handler, "127.0.0.1", 0)``; cancel the
-    task to stop (listener and connections are closed).
+    task to stop (listener and connections are closed).  Give a numeric ``host``: a name
+    such as ``localhost`` may bind several listeners, and with port 0 each gets its own
+    port (``ServerInfo`` reports the first).
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     await serve_http_listeners(handler, listeners, config=config, task_status=task_status)

@@ -124,6 +124,24 @@ async def test_pipelined_requests_on_raw_connection() -> None:
         assert out.index(b'"path":"/1"') < out.index(b'"path":"/2"') < out.index(b'"path":"/3"')
 
 
+async def test_http10_client() -> None:
+    async def gen() -> AsyncIterator[bytes]:
+        yield b"abc"
+        yield b"def"
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/stream":
+            return Response(200, [], gen())
+        return await echo(request)
+
+    async with running(handler) as info:
+        out = await raw_exchange(info, b"GET /x HTTP/1.0\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200 OK") and b'"path":"/x"' in out
+        out = await raw_exchange(info, b"GET /stream HTTP/1.0\r\n\r\n")
+        assert out.endswith(b"\r\n\r\nabcdef")  # close-delimited, not chunked
+        assert b"transfer-encoding" not in out.lower()
+
+
 async def test_helpers_and_http_error() -> None:
     async def handler(request: Request) -> Response:
         if request.path == "/text":
