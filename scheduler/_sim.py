@@ -279,3 +279,16 @@ def simulate(cfg: SimConfig, sched_config: SchedulerConfig | None = None) -> Sim
         wall_seconds=time.perf_counter() - wall0,
         unfinished=unfinished,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m scheduler._sim [N ...]``: print a rollout's figures for each N."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv) or ["3", "8", "100", "1000"]
+    for arg in args:
+        print(simulate(SimConfig(nodes=int(arg))).summary())
+
+
+if __name__ == "__main__":
+    main()
