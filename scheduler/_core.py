@@ -30,7 +30,8 @@ The piece-hash list (integrity)
     whose hash differs from the list, or that has no hash while the list has none, is
     rejected (``Ack.rejected``): the daemon drops those pieces.  A piece is offered from a
     peer only when its hash is known, and the answer carries that hash.  An excluded
-    host's reports count for itself only: they never publish a hash nor make it a parent.
+    host's reports count for itself only: they never publish a hash nor make it a parent,
+    and its source leases do not keep anyone else from leasing the same pieces.
 
 Assignments (``Assign`` -> ``Assignment``)
     1. From peers first: the asker's missing pieces that are not already assigned or
@@ -505,9 +506,11 @@ class Scheduler:
         )
         run = _policy.pick_source_run(task, pt, room, cfg)
         lease_end = now + cfg.lease_timeout
+        shared = hid not in task.excluded  # an excluded host's fetch publishes nothing
         for i in run:
             pt.leases[i] = lease_end
-            task.leases[i][hid] = lease_end
+            if shared:
+                task.leases[i][hid] = lease_end
             self._timer(lease_end, _LEASE, hid, task, i)
         retry = 0.0 if (from_peers or run) else cfg.retry_after
         return Assignment(piece_hashes, from_peers, run, retry, False, task.epoch)
