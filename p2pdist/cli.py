@@ -87,6 +87,40 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--config", help="config file (TOML)")
     get.add_argument("--no-progress", action="store_true", help="no progress bar")
     get.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    get.add_argument(
+        "--daemon",
+        default=os.environ.get("P2PDIST_DAEMON"),
+        help="local daemon API URL (default $P2PDIST_DAEMON); standalone when unset",
+    )
+
+    daemon = sub.add_parser(
+        "daemon",
+        help="run the node daemon (peer server, local API, scheduler link)",
+        description="Run the node daemon: serves verified pieces to peers and blobs to the "
+        "local CLI, fetching through the swarm.",
+    )
+    daemon.add_argument("--config", help="config file (TOML)")
+    daemon.add_argument("--data-dir", help="piece store directory")
+    daemon.add_argument(
+        "--scheduler", action="append", dest="schedulers", help="scheduler URL (repeatable)"
+    )
+    daemon.add_argument("--peer-listen", help="HOST:PORT of the peer server (0.0.0.0:65002)")
+    daemon.add_argument("--advertise", help="address peers reach this node at (HOST[:PORT])")
+    daemon.add_argument("--api-listen", help="HOST:PORT of the local API (127.0.0.1:65003)")
+    daemon.add_argument("--host-id", help="this node's id (default: hostname-address)")
+    daemon.add_argument("--zone", help="zone label (parents in the same zone are preferred)")
+    daemon.add_argument("--piece-size", help="piece size, e.g. 4MiB")
+    daemon.add_argument("--concurrency", type=_positive, help="parallel piece fetches")
+    daemon.add_argument("--upload-slots", type=_positive, help="concurrent uploads to peers")
+    daemon.add_argument("--log-level", default="info", help="debug, info, warning, error")
+
+    sched = sub.add_parser(
+        "scheduler",
+        help="run the scheduler",
+        description="Run the scheduler: the swarm's picture and its decisions.",
+    )
+    sched.add_argument("--listen", default="0.0.0.0:65004", help="HOST:PORT (0.0.0.0:65004)")
+    sched.add_argument("--log-level", default="info", help="debug, info, warning, error")
     return parser
 
 
@@ -115,8 +149,51 @@ def _run_get(args: argparse.Namespace) -> None:
         platform=args.platform,
         progress=not args.no_progress,
         quiet=args.quiet,
+        daemon=args.daemon or None,
     )
     trio.run(run_get, request, config)
+
+
+def _logging(level: str) -> None:
+    import logging
+
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise UsageError(f"invalid --log-level {level!r}")
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _run_daemon(args: argparse.Namespace) -> None:
+    from .daemon import run_daemon
+
+    _logging(args.log_level)
+    config = load_node_config(
+        args.config,
+        overrides={
+            "data_dir": args.data_dir,
+            "schedulers": args.schedulers,
+            "peer_listen": args.peer_listen,
+            "advertise": args.advertise,
+            "api_listen": args.api_listen,
+            "host_id": args.host_id,
+            "zone": args.zone,
+            "piece_size": args.piece_size,
+            "concurrency": args.concurrency,
+            "upload_slots": args.upload_slots,
+        },
+    )
+    trio.run(run_daemon, config)
+
+
+def _run_scheduler(args: argparse.Namespace) -> None:
+    from scheduler.service import run_scheduler
+
+    from .config import split_hostport
+
+    _logging(args.log_level)
+    host, port = split_hostport(args.listen, what="--listen")
+    trio.run(run_scheduler, host, port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "get":
             _run_get(args)
+        elif args.command == "daemon":
+            _run_daemon(args)
+        elif args.command == "scheduler":
+            _run_scheduler(args)
         return 0
     except P2PDistError as exc:
         print(f"p2pdist: error: {exc}", file=sys.stderr)

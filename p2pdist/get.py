@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,14 @@ import trio
 from .config import NodeConfig
 from .digest import Digest
 from .download import DownloadStats, FileSink, ProgressFn, download, download_blob
-from .errors import UsageError
+from .errors import (
+    DigestMismatch,
+    NetworkError,
+    NotFound,
+    P2PDistError,
+    UpstreamError,
+    UsageError,
+)
 from .progress import ProgressBar, format_bytes, format_rate
 from .reference import Reference, parse_reference
 from .registry import RegistryClient
@@ -45,6 +53,7 @@ class GetRequest:
     platform: str | None = None
     progress: bool = True
     quiet: bool = False
+    daemon: str | None = None
 
 
 def _is_url(target: str) -> bool:
@@ -167,6 +176,9 @@ async def run_get(req: GetRequest, config: NodeConfig) -> None:
     ref = parse_reference(req.target, default_tag=None)
     if req.manifest:
         await _get_manifest(req, config, ref)
+    elif req.daemon and ref.digest is not None:
+        query = {"registry": ref.api_host, "repository": ref.repository}
+        await _get_via_daemon(req, ref.digest, query)
     else:
         await _get_blob(req, config, ref)
 
@@ -226,7 +238,66 @@ async def _get_blob(req: GetRequest, config: NodeConfig, ref: Reference) -> None
     _summary(req, "blob", ref.digest, stats)
 
 
+async def _get_via_daemon(req: GetRequest, digest: Digest, query: dict[str, str]) -> None:
+    """Through the local daemon: it fetches through the swarm and streams the blob as its
+    pieces complete in order; we hash the stream too and place the file only if it is
+    the digest."""
+    assert req.daemon is not None
+    params: list[tuple[str, str | int | float | bool | None]] = list(query.items())
+    params += [("header", f"{k}: {v}") for k, v in req.headers.items()]
+    if req.insecure:
+        params.append(("insecure", "1"))
+    url = f"{req.daemon.rstrip('/')}/api/v1/blobs/{digest}"
+    bar = _progress(req, digest.hex[:12])
+    h = digest.hasher()
+    received = 0
+    started = time.perf_counter()
+    try:
+        async with (
+            httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(None, connect=5.0)) as c,
+            c.stream("GET", url, params=params) as resp,
+        ):
+            if resp.status_code != 200:
+                await resp.aread()
+                raise _daemon_error(resp)
+            size = int(resp.headers.get("content-length", "0"))
+            with _atomic_output(req.output) as (out, _):
+                async for chunk in resp.aiter_raw():
+                    h.update(chunk)
+                    out.write(chunk)
+                    received += len(chunk)
+                    if bar is not None:
+                        bar(received, size)
+                if received != size:
+                    raise NetworkError(f"daemon stream ended after {received} of {size} bytes")
+                if h.hexdigest() != digest.hex:
+                    raise DigestMismatch(f"blob from the daemon does not match {digest}")
+    except httpx.TransportError as exc:
+        raise NetworkError(f"daemon at {req.daemon}: {type(exc).__name__}: {exc}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    stats = DownloadStats(size=received, received=received, seconds=time.perf_counter() - started)
+    _summary(req, "blob", digest, stats)
+
+
+def _daemon_error(resp: httpx.Response) -> P2PDistError:
+    try:
+        message = resp.json()["errors"][0]["message"]
+    except Exception:
+        message = resp.text[:200]
+    status = resp.status_code
+    if status == 404:
+        return NotFound(f"daemon: {message}", status=status)
+    if status in (400, 405):
+        return UsageError(f"daemon: {message}")
+    return UpstreamError(f"daemon: {message}", status=status)
+
+
 async def _get_url(req: GetRequest, config: NodeConfig) -> None:
+    if req.daemon and req.digest is not None:
+        await _get_via_daemon(req, req.digest, {"url": req.target})
+        return
     async with make_http_client(
         insecure=req.insecure, max_connections=max(8, config.concurrency * 2)
     ) as http:

@@ -102,6 +102,8 @@ class Node:
         self.peers = peers
         self._nursery = nursery
         self._jobs: dict[Digest, Job] = {}
+        self.stats: dict[Digest, SwarmStats] = {}
+        """Where the bytes of each blob downloaded by this node came from."""
         self._tasks: dict[Digest, Task] = {}
         self._registries: dict[tuple[str, bool], RegistryClient] = {}
         self._urls: dict[bool, httpx.AsyncClient] = {}
@@ -156,6 +158,9 @@ class Node:
             return None
         start, end = plan.range(index)
         return PieceLocation(path, start, end - start)
+
+    def open_tasks(self) -> dict[Digest, Task]:
+        return {d: t for d, t in self._tasks.items() if not t.closed}
 
     def blob_size(self, digest: Digest) -> int | None:
         task = self._tasks.get(digest)
@@ -236,6 +241,7 @@ class Node:
                     progress=job.notify,
                 )
                 job.stats = stats
+                self.stats[digest] = stats
                 return path
             except DigestMismatch:
                 if attempt:

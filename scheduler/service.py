@@ -28,7 +28,7 @@ from ._codec import decode_event, encode
 from ._config import SchedulerConfig
 from ._core import Scheduler
 
-__all__ = ["SchedulerService", "serve_scheduler"]
+__all__ = ["SchedulerService", "run_scheduler", "serve_scheduler"]
 
 log = logging.getLogger("p2pdist.scheduler")
 
@@ -95,3 +95,17 @@ async def serve_scheduler(
         log.info("scheduler listening on %s", info.url)
         task_status.started(info)
     raise AssertionError("unreachable")
+
+
+async def run_scheduler(host: str, port: int) -> NoReturn:
+    """``p2pdist scheduler``: serve until SIGTERM/SIGINT."""
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(partial(serve_scheduler, host, port))
+            print(f"p2pdist scheduler listening on {info.url}", flush=True)
+            async for _ in signals:
+                break
+            nursery.cancel_scope.cancel()
+    raise SystemExit(0)

@@ -1,0 +1,347 @@
+"""``p2pdist daemon``: the node daemon.
+
+It runs, in one trio nursery:
+
+* the **peer server** (``--peer-listen``): verified pieces to other daemons
+  (:mod:`p2pdist.peer`), zero-copy from the store, zstd when it pays, at most
+  ``upload_slots`` uploads at once (more are refused with 503 and the child asks the
+  scheduler for another parent);
+* the **local API** (``--api-listen``, loopback by default) that ``p2pdist get --daemon``
+  uses: ``GET /api/v1/blobs/<digest>?registry=HOST&repository=REPO`` (or ``?url=URL``)
+  streams the blob **as its pieces complete in order** while the swarm fetches it, and
+  ``GET /api/v1/blobs/<digest>/stats`` tells where its bytes came from;
+* the link to the scheduler: registration, heartbeats, announcements.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import NoReturn
+
+import httpx
+import trio
+
+from scheduler import Announce, HostLoad, RegisterHost
+
+from . import __version__
+from .config import NodeConfig, split_hostport
+from .digest import Digest
+from .errors import InvalidDigest, UsageError
+from .httpserver import (
+    FileBody,
+    HTTPError,
+    Request,
+    Response,
+    ServerConfig,
+    serve_http,
+    serve_http_listeners,
+)
+from .node import BlobOrigin, Job, Node, open_node
+from .peer import CompressionCache, parse_piece_path, read_location
+from .pieces import piece_size_for
+from .schedclient import SchedulerClient
+
+__all__ = ["DaemonInfo", "open_daemon", "run_daemon"]
+
+log = logging.getLogger("p2pdist.daemon")
+
+STREAM_CHUNK = 1 << 20
+
+
+@dataclass
+class DaemonInfo:
+    host_id: str
+    peer_url: str
+    api_url: str
+    node: Node
+    uploaded: int = 0
+
+
+class _Daemon:
+    def __init__(self, config: NodeConfig, node: Node, info: DaemonInfo) -> None:
+        self.config = config
+        self.node = node
+        self.info = info
+        self.slots = trio.Semaphore(config.upload_slots)
+        self.zstd = CompressionCache()
+
+    # -- peer server ----------------------------------------------------------------------
+
+    async def peer(self, request: Request) -> Response:
+        if request.path in ("/healthz", "/readyz"):
+            return Response.json({"status": "ok"})
+        try:
+            parsed = parse_piece_path(request.path)
+        except (InvalidDigest, ValueError) as exc:
+            raise HTTPError(400, str(exc)) from None
+        if parsed is None:
+            raise HTTPError(404, "not found")
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "method not allowed")
+        digest, index = parsed
+        try:
+            piece_size = int(request.query.get("piece_size", [""])[0])
+        except ValueError:
+            raise HTTPError(400, "piece_size query parameter required") from None
+        loc = self.node.piece_location(digest, index, piece_size)
+        if loc is None:
+            raise HTTPError(404, f"piece {index} of {digest} is not verified here")
+        if not self._acquire_slot():
+            raise HTTPError(503, "all upload slots are busy", headers=[("Retry-After", "1")])
+        try:
+            headers = [("Content-Type", "application/octet-stream")]
+            if "zstd" in (request.headers.get("accept-encoding") or "").lower():
+                key = (str(digest), piece_size, index)
+                frame = await trio.to_thread.run_sync(
+                    self.zstd.get_or_compress, key, partial(read_location, loc)
+                )
+                if frame is not None:
+                    self.info.uploaded += len(frame)
+                    headers.append(("Content-Encoding", "zstd"))
+                    return Response(200, headers, frame)
+            self.info.uploaded += loc.length
+            return Response(200, headers, FileBody(loc.path, loc.offset, loc.length))
+        finally:
+            self.slots.release()
+
+    def _acquire_slot(self) -> bool:
+        try:
+            self.slots.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        return True
+
+    # -- local API --------------------------------------------------------------------------
+
+    async def api(self, request: Request) -> Response:
+        path = request.path
+        if path in ("/healthz", "/readyz"):
+            return Response.json({"status": "ok", "host_id": self.info.host_id})
+        prefix = "/api/v1/blobs/"
+        if not path.startswith(prefix):
+            raise HTTPError(404, "not found")
+        rest = path[len(prefix) :]
+        want_stats = rest.endswith("/stats")
+        try:
+            digest = Digest.parse(rest.removesuffix("/stats"))
+        except InvalidDigest as exc:
+            raise HTTPError(400, str(exc), body=None) from None
+        if want_stats:
+            s = self.node.stats.get(digest)
+            if s is None:
+                raise HTTPError(404, f"no download of {digest} on record")
+            return Response.json(
+                {
+                    "size": s.size,
+                    "from_peers": s.from_peers,
+                    "peer_wire": s.peer_wire,
+                    "from_source": s.from_source,
+                    "reused": s.reused,
+                    "seconds": round(s.seconds, 3),
+                    "bad_pieces": s.bad_pieces,
+                    "fallback": s.fallback,
+                }
+            )
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "method not allowed")
+        origin = _origin(request)
+        job = self.node.fetch(digest, origin)
+        size = await _wait_size(job)
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Length", str(size)),
+            ("Docker-Content-Digest", str(digest)),
+        ]
+        if request.method == "HEAD":
+            return Response(200, headers, b"")
+        return Response(200, headers, self._stream(job, size))
+
+    async def _stream(self, job: Job, size: int) -> AsyncIterator[bytes]:
+        """The blob's bytes in order, each as soon as its piece is verified.  If the
+        download fails the stream stops short, so the client sees a truncated body."""
+        sent = 0
+        while sent < size:
+            changed = job.changed
+            ready = job.verified_prefix()
+            if ready > sent:
+                end = min(ready, sent + STREAM_CHUNK)
+                chunk = await trio.to_thread.run_sync(self._read, job, sent, end)
+                sent += len(chunk)
+                yield chunk
+                continue
+            if job.done.is_set():
+                if job.error is not None:
+                    raise HTTPError(502, str(job.error))
+                if job.verified_prefix() <= sent:
+                    raise HTTPError(500, "download finished short")
+                continue
+            await changed.wait()
+
+    def _read(self, job: Job, start: int, end: int) -> bytes:
+        path = job.path or (job.task.data_path if job.task is not None else None)
+        if path is None:
+            raise HTTPError(500, "blob data went away")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # The task was committed between our check and the open: read the blob.
+            blob = self.node.store.blob_path(job.digest)
+            if blob is None:
+                raise HTTPError(500, "blob data went away") from None
+            fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+
+    # -- scheduler --------------------------------------------------------------------------
+
+    async def announcements(self) -> list[Announce]:
+        out: list[Announce] = []
+        blobs = await trio.to_thread.run_sync(self.node.store.list_blobs)
+        for digest, size in blobs:
+            piece_size = piece_size_for(size, self.config.piece_size)
+            out.append(Announce(self.info.host_id, str(digest), size, piece_size, complete=True))
+        for digest, task in self.node.open_tasks().items():
+            verified = tuple(i for i in range(task.plan.count) if task.is_verified(i))
+            hashes = {i: h for i, h in enumerate(task.piece_hashes()) if h is not None}
+            out.append(
+                Announce(
+                    self.info.host_id,
+                    str(digest),
+                    task.plan.size,
+                    task.plan.piece_size,
+                    pieces=verified,
+                    hashes=hashes,
+                )
+            )
+        return out
+
+    def load(self) -> HostLoad:
+        in_use = self.config.upload_slots - self.slots.value
+        return HostLoad(upload_slots_in_use=in_use)
+
+
+async def _wait_size(job: Job) -> int:
+    while job.plan is None:
+        if job.done.is_set():
+            if job.error is not None:
+                status = 404 if getattr(job.error, "exit_code", 0) == 3 else 502
+                raise HTTPError(status, str(job.error))
+            break
+        await job.changed.wait()
+    if job.plan is None:
+        raise HTTPError(500, "download finished without a size")
+    return job.plan.size
+
+
+def _origin(request: Request) -> BlobOrigin:
+    q = request.query
+    insecure = q.get("insecure", ["0"])[0] in ("1", "true")
+    try:
+        if "url" in q:
+            headers = tuple(
+                (name.strip(), value.strip())
+                for name, _, value in (h.partition(":") for h in q.get("header", []))
+            )
+            return BlobOrigin(url=q["url"][0], headers=headers, insecure=insecure)
+        return BlobOrigin(
+            registry=q.get("registry", [""])[0] or None,
+            repository=q.get("repository", [""])[0] or None,
+            insecure=insecure,
+        )
+    except UsageError as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
+def _host_id(config: NodeConfig, advertise: str) -> str:
+    return config.host_id or f"{socket.gethostname()}-{advertise}"
+
+
+@asynccontextmanager
+async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
+    """Start a daemon (peer server, local API, scheduler link) inside the caller's
+    nursery scope; it stops when the block exits.  Used by ``run_daemon`` and tests."""
+    peer_host, peer_port = split_hostport(config.peer_listen, what="peer_listen")
+    api_host, api_port = split_hostport(config.api_listen, what="api_listen")
+    async with trio.open_nursery() as nursery:
+        # The node needs the link, the link needs the advertised address (after binding).
+        peer_listeners = await trio.open_tcp_listeners(peer_port, host=peer_host)
+        bound_port = peer_listeners[0].socket.getsockname()[1]
+        advertise = config.advertise or ("" if peer_host in ("0.0.0.0", "::") else peer_host)
+        if not advertise:
+            raise UsageError(
+                "--advertise is required when the peer server listens on all addresses"
+            )
+        if ":" not in advertise.strip("[]") or advertise.startswith("["):
+            advertise = f"{advertise}:{bound_port}"
+        host_id = _host_id(config, advertise)
+        sched_http = httpx.AsyncClient(trust_env=False, timeout=10.0)
+        await nursery.start(_close_on_cancel, sched_http)
+        link = None
+        if config.schedulers:
+            daemon_ref: list[_Daemon] = []
+
+            async def announcements() -> list[Announce]:
+                return await daemon_ref[0].announcements() if daemon_ref else []
+
+            link = SchedulerClient(
+                config.schedulers,
+                RegisterHost(host_id, advertise, config.zone, __version__, config.upload_slots),
+                http=sched_http,
+                announcements=announcements,
+            )
+        async with open_node(config, link=link) as node:
+            info = DaemonInfo(host_id, f"http://{advertise}", "", node)
+            daemon = _Daemon(config, node, info)
+            if config.schedulers:
+                daemon_ref.append(daemon)
+            server_config = ServerConfig(keepalive_timeout=120.0)
+            await nursery.start(
+                partial(serve_http_listeners, config=server_config), daemon.peer, peer_listeners
+            )
+            api = await nursery.start(
+                partial(serve_http, config=server_config), daemon.api, api_host, api_port
+            )
+            info.api_url = api.url
+            if link is not None:
+                nursery.start_soon(link.heartbeat_forever, daemon.load)
+            log.info("daemon %s: peers at %s, local API at %s", host_id, info.peer_url, api.url)
+            try:
+                yield info
+            finally:
+                if link is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await link.leave()
+                nursery.cancel_scope.cancel()
+
+
+async def _close_on_cancel(
+    client: httpx.AsyncClient, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    task_status.started()
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+async def run_daemon(config: NodeConfig) -> NoReturn:
+    """Run until SIGTERM/SIGINT; leave the swarm cleanly."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_daemon(config) as info:
+            print(
+                f"p2pdist daemon {info.host_id}: peers {info.peer_url}, API {info.api_url}",
+                flush=True,
+            )
+            async for _ in signals:
+                break
+    raise SystemExit(0)
