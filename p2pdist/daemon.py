@@ -71,6 +71,8 @@ class _Daemon:
         self.info = info
         self.slots = trio.Semaphore(config.upload_slots)
         self.zstd = CompressionCache()
+        self.verify_lock = trio.Lock()
+        self.verifying_recently: set[Digest] = set()
 
     # -- peer server ----------------------------------------------------------------------
 
@@ -83,9 +85,11 @@ class _Daemon:
             raise HTTPError(400, str(exc)) from None
         if parsed is None:
             raise HTTPError(404, "not found")
-        if request.method not in ("GET", "HEAD"):
+        if request.method not in ("GET", "HEAD", "POST"):
             raise HTTPError(405, "method not allowed")
         digest, index = parsed
+        if request.method == "POST" and request.query.get("report") == ["bad"]:
+            return await self._told_bad(digest, index)
         try:
             piece_size = int(request.query.get("piece_size", [""])[0])
         except ValueError:
@@ -110,6 +114,30 @@ class _Daemon:
             return Response(200, headers, FileBody(loc.path, loc.offset, loc.length))
         finally:
             self.slots.release()
+
+    async def _told_bad(self, digest: Digest, index: int) -> Response:
+        """A child says a piece we sent failed its sha256.  We trust nobody's word, but
+        re-checking costs only CPU: re-hash what we hold and drop whatever is bad."""
+        async with self.verify_lock:
+            if digest in self.verifying_recently:
+                return Response.json({"checked": "recently"})
+            self.verifying_recently.add(digest)
+            self.node.nursery.start_soon(self._forget_verified, digest)
+            task = self.node.open_tasks().get(digest)
+            if task is not None:
+                dropped = await trio.to_thread.run_sync(task.verify_pieces)
+                log.warning("re-verified %s after a bad-piece report: dropped %s", digest, dropped)
+                return Response.json({"dropped": dropped})
+            intact = await trio.to_thread.run_sync(self.node.store.verify_blob, digest)
+            if intact is False:
+                log.warning("blob %s was corrupt on disk: removed it", digest)
+                self.zstd.forget(str(digest))
+                await self.node.forget_blob(digest)
+            return Response.json({"intact": intact})
+
+    async def _forget_verified(self, digest: Digest) -> None:
+        await trio.sleep(30)
+        self.verifying_recently.discard(digest)
 
     def _acquire_slot(self) -> bool:
         try:

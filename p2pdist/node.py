@@ -100,7 +100,7 @@ class Node:
         self.store = store
         self.link = link
         self.peers = peers
-        self._nursery = nursery
+        self.nursery = nursery
         self._jobs: dict[Digest, Job] = {}
         self.stats: dict[Digest, SwarmStats] = {}
         """Where the bytes of each blob downloaded by this node came from."""
@@ -159,6 +159,15 @@ class Node:
         start, end = plan.range(index)
         return PieceLocation(path, start, end - start)
 
+    async def forget_blob(self, digest: Digest) -> None:
+        """The blob is gone from the store (found corrupt): stop offering it."""
+        self.stats.pop(digest, None)
+        if self.link is not None:
+            try:
+                await self.link.leave_task(digest)
+            except P2PDistError as exc:
+                log.info("scheduler: %s", exc)
+
     def open_tasks(self) -> dict[Digest, Task]:
         return {d: t for d, t in self._tasks.items() if not t.closed}
 
@@ -180,7 +189,7 @@ class Node:
         if job is None or (job.done.is_set() and job.error is not None):
             job = Job(digest)
             self._jobs[digest] = job
-            self._nursery.start_soon(self._run, job, origin, size)
+            self.nursery.start_soon(self._run, job, origin, size)
         return job
 
     async def ensure_blob(

@@ -42,6 +42,7 @@ __all__ = [
     "parse_piece_path",
     "piece_url",
     "read_location",
+    "report_bad_piece",
 ]
 
 PIECE_PATH = "/peer/v1/blobs/{digest}/pieces/{index}"
@@ -95,6 +96,12 @@ class CompressionCache:
         self._items: OrderedDict[tuple[str, int, int], bytes | None] = OrderedDict()
         self._lock = threading.Lock()
         self.saved_bytes = 0
+
+    def forget(self, digest: str) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k[0] == digest]:
+                old = self._items.pop(key)
+                self._used -= len(old) if old else 0
 
     def get_or_compress(self, key: tuple[str, int, int], read: Callable[[], bytes]) -> bytes | None:
         """The zstd frame for the piece, or None when it is not worth compressing.
@@ -179,6 +186,19 @@ async def fetch_piece(
     if wire != length:
         raise PeerError(f"parent {parent_addr} sent {wire} bytes of piece {index}, not {length}")
     return bytes(buf), wire
+
+
+async def report_bad_piece(
+    client: httpx.AsyncClient, parent_addr: str, digest: Digest, index: int
+) -> None:
+    """Tell a parent that a piece it sent failed its sha256, so it re-verifies what it
+    holds.  Best effort: errors are ignored."""
+    url = f"http://{parent_addr}{PIECE_PATH.format(digest=digest, index=index)}?report=bad"
+    try:
+        with trio.move_on_after(5):
+            await client.post(url)
+    except httpx.HTTPError:
+        pass
 
 
 def read_location(loc: PieceLocation) -> bytes:

@@ -27,6 +27,7 @@ from scheduler import (
     Heartbeat,
     HostLoad,
     LeaveHost,
+    LeaveTask,
     RegisterHost,
     Rejected,
     ReportPieceFailure,
@@ -191,6 +192,9 @@ class SchedulerClient:
 
     async def complete(self, digest: Digest) -> None:
         await self.call(CompleteTask(self.host_id, str(digest)))
+
+    async def leave_task(self, digest: Digest) -> None:
+        await self.call(LeaveTask(self.host_id, str(digest)))
 
     async def mismatch(self, digest: Digest, epoch: int | None) -> None:
         await self.call(BlobMismatch(self.host_id, str(digest), epoch))

@@ -298,6 +298,22 @@ class PieceStore:
             path.unlink(missing_ok=True)
         return None
 
+    def verify_blob(self, digest: Digest) -> bool | None:
+        """Re-hash a complete blob now; remove it if it no longer matches its digest.
+        True: intact; False: was corrupt and is gone; None: not in the store."""
+        path = self._blob_file(digest)
+        if not path.is_file():
+            return None
+        h = digest.hasher()
+        with _mapped("read", path), open(path, "rb") as f:
+            while block := f.read(4 << 20):
+                h.update(block)
+        if h.hexdigest() == digest.hex:
+            return True
+        with _mapped("remove corrupt blob", path):
+            path.unlink(missing_ok=True)
+        return False
+
     def export(self, digest: Digest, dest: Path) -> None:
         """Put the complete blob at the new path ``dest``: a hard link when ``dest`` is on
         the store's filesystem (no second copy of the bytes), else a copy (in-kernel where

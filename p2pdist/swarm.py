@@ -34,7 +34,7 @@ from scheduler import Assignment, PieceSource
 from .digest import Digest
 from .download import DownloadStats, ProgressFn, SourceFetcher, download
 from .errors import DigestMismatch, NetworkError, PieceMismatch, collapse_groups
-from .peer import PeerError, fetch_piece
+from .peer import PeerError, fetch_piece, report_bad_piece
 from .source import Source, SourceInfo
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ class SchedulerLink(Protocol):
     async def complete(self, digest: Digest) -> None: ...
 
     async def mismatch(self, digest: Digest, epoch: int | None) -> None: ...
+
+    async def leave_task(self, digest: Digest) -> None: ...
 
 
 @dataclass(slots=True)
@@ -193,6 +195,8 @@ class _Swarm:
                 reason = "slow"
             if reason is not None:
                 await self.link.report_failure(self.digest, pp.parent_id, index, reason)
+            if reason == "bad_hash":
+                await report_bad_piece(self.peers, pp.parent_addr, self.digest, index)
         finally:
             self.inflight.discard(index)
             self.slots.release()
