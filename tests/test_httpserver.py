@@ -779,34 +779,3 @@ def test_config_validation() -> None:
         FileBody()
     with pytest.raises(ValueError):
         FileBody("x", fd=3)
-
-
-# --------------------------------------------------------------------------- benchmark
-
-
-@pytest.mark.skipif(not os.environ.get("P2PDIST_BENCH"), reason="set P2PDIST_BENCH=1")
-async def test_sendfile_throughput(tmp_path: Path) -> None:
-    """P2PDIST_BENCH=1 pytest tests/test_httpserver.py -k throughput -s"""
-    size = 1 << 30
-    path = tmp_path / "gib"
-    _write_file(path, size >> 20)
-
-    async def handler(request: Request) -> Response:
-        return Response(200, [], FileBody(path))
-
-    async with running(handler) as info:
-        for _ in range(3):
-            start = time.perf_counter()
-            await trio.run_process(["curl", "-sS", "-o", "/dev/null", info.url])
-            elapsed = time.perf_counter() - start
-            print(f"curl: 1 GiB in {elapsed:.2f}s = {size / elapsed / 1e9:.2f} GB/s")
-        async with client(info) as c:
-            for _ in range(2):
-                start = time.perf_counter()
-                got = 0
-                async with c.stream("GET", "/") as r:
-                    async for chunk in r.aiter_raw():
-                        got += len(chunk)
-                elapsed = time.perf_counter() - start
-                assert got == size
-                print(f"httpx: 1 GiB in {elapsed:.2f}s = {size / elapsed / 1e9:.2f} GB/s")
