@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -16,10 +17,18 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="local registry, generated image, verified get")
+    demo = sub.add_parser("demo", help="registry, scheduler, 3 daemons: a generated image")
     demo.add_argument("--size", default="64MiB", help="image content size (default 64MiB)")
     demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--out", default="demo-out", help="where the fetched layers go")
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--out", default="demo-out", help="where results go")
+    swarm = sub.add_parser("swarm", help="a rollout through N daemons on loopback")
+    swarm.add_argument("--nodes", type=int, default=3)
+    swarm.add_argument("--size", default="256MiB", help="image content size (default 256MiB)")
+    swarm.add_argument("--layers", type=int, default=4)
+    swarm.add_argument("--layer-format", choices=["gzip", "tar"], default="gzip")
+    swarm.add_argument("--piece-size", default="4MiB")
+    swarm.add_argument("--out", default="bench-out", help="directory for swarm.json")
     cmp = sub.add_parser("get-vs-curl", help="p2pdist get against curl, side by side")
     cmp.add_argument("--size", default="1GiB", help="blob size (default 1GiB)")
     cmp.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
@@ -33,7 +42,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(size=args.size, layers=args.layers, out=args.out)
+        return run_demo(size=args.size, layers=args.layers, nodes=args.nodes, out=args.out)
+    if args.command == "swarm":
+        from p2pdist.config import parse_size
+
+        from .swarmbench import run_swarm
+        from .tools import ensure_registry_installed
+
+        if not ensure_registry_installed():
+            return 2
+        run_swarm(
+            nodes=args.nodes,
+            size=parse_size(args.size),
+            layers=args.layers,
+            layer_format=args.layer_format,
+            piece_size=args.piece_size,
+            out=Path(args.out),
+        )
+        return 0
     if args.command == "get-vs-curl":
         from .getbench import run_get_vs_curl
 

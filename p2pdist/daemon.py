@@ -44,7 +44,7 @@ from .httpserver import (
     serve_http_listeners,
 )
 from .node import BlobOrigin, Job, Node, open_node
-from .peer import CompressionCache, parse_piece_path, read_location
+from .peer import CompressionCache, PieceLocation, parse_piece_path
 from .pieces import piece_size_for
 from .schedclient import SchedulerClient
 
@@ -94,8 +94,7 @@ class _Daemon:
             piece_size = int(request.query.get("piece_size", [""])[0])
         except ValueError:
             raise HTTPError(400, "piece_size query parameter required") from None
-        loc = self.node.piece_location(digest, index, piece_size)
-        if loc is None:
+        if self.node.piece_location(digest, index, piece_size) is None:
             raise HTTPError(404, f"piece {index} of {digest} is not verified here")
         if not self._acquire_slot():
             raise HTTPError(503, "all upload slots are busy", headers=[("Retry-After", "1")])
@@ -104,16 +103,41 @@ class _Daemon:
             if "zstd" in (request.headers.get("accept-encoding") or "").lower():
                 key = (str(digest), piece_size, index)
                 frame = await trio.to_thread.run_sync(
-                    self.zstd.get_or_compress, key, partial(read_location, loc)
+                    self.zstd.get_or_compress,
+                    key,
+                    partial(self._read_piece, digest, index, piece_size),
                 )
                 if frame is not None:
                     self.info.uploaded += len(frame)
                     headers.append(("Content-Encoding", "zstd"))
                     return Response(200, headers, frame)
+            fd, loc = self._open_piece(digest, index, piece_size)
             self.info.uploaded += loc.length
-            return Response(200, headers, FileBody(loc.path, loc.offset, loc.length))
+            # The server owns (and closes) the fd: the bytes stay readable even if the
+            # task is committed (its data file renamed) while they are being sent.
+            return Response(200, headers, FileBody(fd=fd, offset=loc.offset, length=loc.length))
         finally:
             self.slots.release()
+
+    def _open_piece(self, digest: Digest, index: int, piece_size: int) -> tuple[int, PieceLocation]:
+        """An open fd on the file holding a verified piece.  A partial task's data file is
+        renamed into place when the task completes: then the piece is in the blob file."""
+        for _ in range(3):
+            loc = self.node.piece_location(digest, index, piece_size)
+            if loc is None:
+                break
+            try:
+                return os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC), loc
+            except FileNotFoundError:
+                continue
+        raise HTTPError(404, f"piece {index} of {digest} is not verified here")
+
+    def _read_piece(self, digest: Digest, index: int, piece_size: int) -> bytes:
+        fd, loc = self._open_piece(digest, index, piece_size)
+        try:
+            return os.pread(fd, loc.length, loc.offset)
+        finally:
+            os.close(fd)
 
     async def _told_bad(self, digest: Digest, index: int) -> Response:
         """A child says a piece we sent failed its sha256.  We trust nobody's word, but
