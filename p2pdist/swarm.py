@@ -124,8 +124,11 @@ class _Swarm:
         self.pending_source: dict[int, str] = {}
         self.report_wanted = trio.Event()
         self.epoch: int | None = None
+        self.last_progress = trio.current_time()
+        self.stall_timeout = 3.0
 
     def _progressed(self) -> None:
+        self.last_progress = trio.current_time()
         if self.progress is not None:
             self.progress(self.task.verified_bytes, self.plan.size)
         self.changed.set()
@@ -231,11 +234,37 @@ class _Swarm:
                     self.epoch = assignment.epoch
                     self.hashes.update(assignment.piece_hashes)
                     started = await self._start(assignment, workers)
+                    if not started and not self.inflight:
+                        started = await self._unstick(workers)
                     if not started:
                         with trio.move_on_after(max(0.01, assignment.retry_after)):
                             await self.changed.wait()
             await self._flush_reports()
             reporter.cancel_scope.cancel()
+
+    async def _unstick(self, workers: trio.Nursery) -> int:
+        """Liveness: when nothing has arrived for ``stall_timeout`` and the scheduler
+        keeps saying "wait" (every holder of what we miss penalised, a lost lease...),
+        fetch a run of missing pieces from the registry ourselves.  Their hashes are
+        published like any source piece; the whole-blob check still has the last word."""
+        if trio.current_time() - self.last_progress < self.stall_timeout:
+            return 0
+        missing = [i for i in self.task.missing() if i not in self.inflight]
+        if not missing:
+            return 0
+        run = _runs(missing)[0]
+        log.info(
+            "no progress on %s for %.0fs: fetching pieces %d-%d from the registry",
+            self.digest,
+            self.stall_timeout,
+            run[0],
+            run[-1],
+        )
+        await self.slots.acquire()
+        self.inflight.update(run)
+        workers.start_soon(self._from_source, run)
+        self.last_progress = trio.current_time()
+        return 1
 
     async def _start(self, a: Assignment, workers: trio.Nursery) -> int:
         started = 0
