@@ -40,6 +40,8 @@ from .httpserver import (
     Request,
     Response,
     ServerConfig,
+    content_range,
+    parse_range,
     serve_http,
     serve_http_listeners,
 )
@@ -84,7 +86,7 @@ class _Daemon:
         except (InvalidDigest, ValueError) as exc:
             raise HTTPError(400, str(exc)) from None
         if parsed is None:
-            raise HTTPError(404, "not found")
+            return await self._blob(request)
         if request.method not in ("GET", "HEAD", "POST"):
             raise HTTPError(405, "method not allowed")
         digest, index = parsed
@@ -118,6 +120,39 @@ class _Daemon:
             return Response(200, headers, FileBody(fd=fd, offset=loc.offset, length=loc.length))
         finally:
             self.slots.release()
+
+    async def _blob(self, request: Request) -> Response:
+        """``GET /peer/v1/blobs/<digest>`` with ``Range``: a complete, verified blob (or a
+        range of it), zero-copy.  Partial tasks are served piece by piece only."""
+        prefix = "/peer/v1/blobs/"
+        if not request.path.startswith(prefix) or "/" in request.path[len(prefix) :]:
+            raise HTTPError(404, "not found")
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "method not allowed")
+        try:
+            digest = Digest.parse(request.path[len(prefix) :])
+        except InvalidDigest as exc:
+            raise HTTPError(400, str(exc)) from None
+        path = self.node.store.blob_path(digest)
+        if path is None:
+            raise HTTPError(404, f"blob {digest} is not complete here", code="BLOB_UNKNOWN")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            rng = parse_range(request.headers.get("range"), size)
+        except BaseException:
+            os.close(fd)
+            raise
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("Docker-Content-Digest", str(digest)),
+            ("Accept-Ranges", "bytes"),
+        ]
+        if rng is None:
+            return Response(200, headers, FileBody(fd=fd, offset=0, length=size))
+        start, end = rng
+        headers.append(("Content-Range", content_range(start, end, size)))
+        return Response(206, headers, FileBody(fd=fd, offset=start, length=end - start))
 
     def _open_piece(self, digest: Digest, index: int, piece_size: int) -> tuple[int, PieceLocation]:
         """An open fd on the file holding a verified piece.  A partial task's data file is
@@ -216,12 +251,17 @@ class _Daemon:
         return Response(200, headers, self._stream(job, size))
 
     async def _stream(self, job: Job, size: int) -> AsyncIterator[bytes]:
-        """The blob's bytes in order, each as soon as its piece is verified.  If the
-        download fails the stream stops short, so the client sees a truncated body."""
+        """The blob's bytes in order, each as soon as its piece is verified; the final
+        byte only after the whole blob matched its digest.  If the download fails the
+        stream stops short, so the client sees a truncated body."""
         sent = 0
         while sent < size:
             changed = job.changed
             ready = job.verified_prefix()
+            if job.path is None or job.error is not None:
+                # The last byte waits for the whole-blob digest check: a client never
+                # gets a complete body for a blob that then fails it.
+                ready = min(ready, size - 1)
             if ready > sent:
                 end = min(ready, sent + STREAM_CHUNK)
                 chunk = await trio.to_thread.run_sync(self._read, job, sent, end)

@@ -1,0 +1,141 @@
+"""The daemon's servers, in-process on loopback: the peer protocol (pieces, blob ranges,
+zstd, refusals) and the local API (streaming a blob from a real registry)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import zstandard
+
+from bench.image import push_blob
+from bench.localregistry import LocalRegistry
+from p2pdist.config import NodeConfig
+from p2pdist.daemon import DaemonInfo, open_daemon
+from p2pdist.digest import Digest
+from p2pdist.peer import compress_if_worth_it, decompress_piece, fetch_piece
+from p2pdist.pieces import PiecePlan
+from p2pdist.store import PieceStore
+
+PIECE = 64 * 1024
+
+
+def _config(tmp_path: Path) -> NodeConfig:
+    return NodeConfig(
+        data_dir=tmp_path / "data",
+        peer_listen="127.0.0.1:0",
+        api_listen="127.0.0.1:0",
+        piece_size=PIECE,
+        host_id="test-node",
+    )
+
+
+def _put_blob(root: Path, data: bytes) -> Digest:
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    store = PieceStore(root)
+    task = store.open_task(digest, len(data), PIECE)
+    plan = task.plan
+    for i in plan:
+        task.write_piece(i, data[slice(*plan.range(i))])
+    task.commit()
+    store.close()
+    return digest
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[DaemonInfo]:
+    async with open_daemon(_config(tmp_path)) as info:
+        yield info
+
+
+async def test_peer_serves_verified_pieces_and_refuses_unknown(
+    tmp_path: Path, daemon: DaemonInfo
+) -> None:
+    data = os.urandom(5 * PIECE + 123)
+    digest = _put_blob(tmp_path / "data", data)
+    plan = PiecePlan(len(data), PIECE)
+    addr = daemon.peer_url.removeprefix("http://")
+    async with httpx.AsyncClient() as client:
+        for i in (0, 3, plan.count - 1):
+            got, wire = await fetch_piece(client, addr, digest, i, plan)
+            assert got == data[slice(*plan.range(i))]
+            assert wire == len(got)  # random bytes: sent raw
+        other = Digest("sha256", "0" * 64)
+        r = await client.get(f"{daemon.peer_url}/peer/v1/blobs/{other}/pieces/0?piece_size={PIECE}")
+        assert r.status_code == 404
+        r = await client.get(f"{daemon.peer_url}/peer/v1/blobs/sha256:xyz/pieces/0?piece_size=1")
+        assert r.status_code == 400
+        # another piece plan than the one the blob is cut with
+        r = await client.get(
+            f"{daemon.peer_url}/peer/v1/blobs/{digest}/pieces/99?piece_size={PIECE}"
+        )
+        assert r.status_code == 404
+
+
+async def test_peer_sends_compressible_pieces_with_zstd(tmp_path: Path, daemon: DaemonInfo) -> None:
+    data = (b"usr/lib/x86_64-linux-gnu/libfoo.so.1 " * 20000)[: 3 * PIECE]
+    digest = _put_blob(tmp_path / "data", data)
+    plan = PiecePlan(len(data), PIECE)
+    addr = daemon.peer_url.removeprefix("http://")
+    async with httpx.AsyncClient() as client:
+        got, wire = await fetch_piece(client, addr, digest, 1, plan)
+        assert got == data[slice(*plan.range(1))]
+        assert wire < len(got) // 4
+        got, wire = await fetch_piece(client, addr, digest, 1, plan, accept_zstd=False)
+        assert got == data[slice(*plan.range(1))] and wire == len(got)
+
+
+async def test_peer_serves_blob_ranges(tmp_path: Path, daemon: DaemonInfo) -> None:
+    data = os.urandom(3 * PIECE)
+    digest = _put_blob(tmp_path / "data", data)
+    url = f"{daemon.peer_url}/peer/v1/blobs/{digest}"
+    async with httpx.AsyncClient() as client:
+        r = await client.get(url, headers={"Range": "bytes=100-199"})
+        assert r.status_code == 206
+        assert r.content == data[100:200]
+        assert r.headers["content-range"] == f"bytes 100-199/{len(data)}"
+        r = await client.get(url)
+        assert r.status_code == 200 and r.content == data
+        r = await client.get(url, headers={"Range": f"bytes={len(data)}-"})
+        assert r.status_code == 416
+
+
+def test_zstd_decompression_is_bounded() -> None:
+    data = b"a" * 100_000
+    frame = compress_if_worth_it(data)
+    assert frame is not None
+    assert decompress_piece(frame, len(data)) == data
+    with pytest.raises(Exception, match=r"zstd|expected"):
+        decompress_piece(frame, 1000)  # a parent cannot inflate a piece past its length
+    with pytest.raises(Exception, match="zstd"):
+        decompress_piece(b"not zstd at all", 10)
+    assert compress_if_worth_it(os.urandom(100_000)) is None
+    assert zstandard.ZstdDecompressor().decompress(frame) == data
+
+
+async def test_local_api_streams_a_registry_blob(
+    registry: LocalRegistry, daemon: DaemonInfo
+) -> None:
+    data = os.urandom(10 * PIECE + 5)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    push_blob(registry.url, "daemon/api", data, digest=digest)
+    url = f"{daemon.api_url}/api/v1/blobs/{digest}"
+    params = {"registry": registry.host, "repository": "daemon/api"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.get(url, params=params)
+        assert r.status_code == 200
+        assert r.headers["docker-content-digest"] == digest
+        assert r.content == data
+        stats = (await client.get(f"{url}/stats")).json()
+        assert stats["from_source"] == len(data) and stats["from_peers"] == 0
+        # unknown blob in the registry -> 404, malformed digest -> 400
+        r = await client.get(f"{daemon.api_url}/api/v1/blobs/sha256:{'1' * 64}", params=params)
+        assert r.status_code == 404
+        r = await client.get(f"{daemon.api_url}/api/v1/blobs/sha256:nope", params=params)
+        assert r.status_code == 400
+        r = await client.get(url, params={"registry": registry.host})
+        assert r.status_code == 400
