@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon = sub.add_parser(
         "daemon",
-        help="run the node daemon (peer server, local API, scheduler link)",
+        help="run the node daemon (peer server, local API, registry proxy, scheduler link)",
         description="Run the node daemon: serves verified pieces to peers and blobs to the "
         "local CLI, fetching through the swarm.",
     )
@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--peer-listen", help="HOST:PORT of the peer server (0.0.0.0:65002)")
     daemon.add_argument("--advertise", help="address peers reach this node at (HOST[:PORT])")
     daemon.add_argument("--api-listen", help="HOST:PORT of the local API (127.0.0.1:65003)")
+    daemon.add_argument(
+        "--proxy-listen",
+        help="HOST:PORT of the registry proxy (127.0.0.1:65001; 'off' for none)",
+    )
+    daemon.add_argument(
+        "--upstream",
+        help="registry URL the proxy pulls from when a request names none (no ?ns=), "
+        "e.g. https://registry-1.docker.io",
+    )
     daemon.add_argument("--host-id", help="this node's id (default: hostname-address)")
     daemon.add_argument("--zone", help="zone label (parents in the same zone are preferred)")
     daemon.add_argument("--piece-size", help="piece size, e.g. 4MiB")
@@ -176,6 +185,8 @@ def _run_daemon(args: argparse.Namespace) -> None:
             "peer_listen": args.peer_listen,
             "advertise": args.advertise,
             "api_listen": args.api_listen,
+            "proxy_listen": args.proxy_listen,
+            "upstream": args.upstream,
             "host_id": args.host_id,
             "zone": args.zone,
             "piece_size": args.piece_size,

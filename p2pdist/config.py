@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .pieces import DEFAULT_PIECE_SIZE, MIN_PIECE_SIZE
 
 __all__ = [
+    "DEFAULT_PROXY_LISTEN",
     "NodeConfig",
     "RegistryConfig",
     "default_data_dir",
@@ -121,6 +122,9 @@ def split_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+DEFAULT_PROXY_LISTEN = "127.0.0.1:65001"
+
+
 def default_data_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/p2pdist")
@@ -150,6 +154,15 @@ class NodeConfig:
     api_listen: str = "127.0.0.1:65003"
     upload_slots: int = 16
     piece_timeout: float = 30.0
+    # -- the registry proxy (part of the daemon) -----------------------------------------
+    proxy_listen: str | None = DEFAULT_PROXY_LISTEN
+    """HOST:PORT of the registry pull-through proxy (``None``: no proxy)."""
+    upstream: str | None = None
+    """The registry URL the proxy forwards to when a request names none (no ``?ns=``),
+    e.g. ``https://registry-1.docker.io`` for dockerd's ``registry-mirrors``."""
+    proxy_tag_ttl: float = 0.0
+    """Seconds the proxy answers a tag from its cache before asking the upstream again
+    (0: every tag request goes upstream; the cache then only serves when it is down)."""
 
     def registry(self, host: str) -> RegistryConfig:
         """The settings for ``host``; credentials from the environment apply to it when
@@ -185,6 +198,12 @@ class NodeConfig:
                 raise ConfigError(f"invalid scheduler URL {url!r}: expected http://host:port")
         for name in ("peer_listen", "api_listen"):
             split_hostport(getattr(self, name), what=name)
+        if self.proxy_listen is not None:
+            split_hostport(self.proxy_listen, what="proxy_listen")
+        if self.upstream is not None and not re.fullmatch(r"https?://[^\s/?#@]+", self.upstream):
+            raise ConfigError(f"invalid upstream {self.upstream!r}: expected http(s)://host[:port]")
+        if not 0 <= self.proxy_tag_ttl <= 86400:
+            raise ConfigError("proxy_tag_ttl must be between 0 and 86400 seconds")
         if not 1 <= self.upload_slots <= 1024:
             raise ConfigError("upload_slots must be between 1 and 1024")
         return self
@@ -219,6 +238,9 @@ _SIMPLE_KEYS = (
     "api_listen",
     "upload_slots",
     "piece_timeout",
+    "proxy_listen",
+    "upstream",
+    "proxy_tag_ttl",
 )
 
 
@@ -265,8 +287,13 @@ def load_node_config(
         for key in ("concurrency", "upload_slots"):
             if key in values:
                 values[key] = int(values[key])
-        if "piece_timeout" in values:
-            values["piece_timeout"] = float(values["piece_timeout"])
+        for key in ("piece_timeout", "proxy_tag_ttl"):
+            if key in values:
+                values[key] = float(values[key])
+        if values.get("proxy_listen") in ("", "off", "none"):
+            values["proxy_listen"] = None  # P2PDIST_PROXY_LISTEN=off: no proxy
+        if "upstream" in values:
+            values["upstream"] = str(values["upstream"]).rstrip("/") or None
         if "schedulers" in values:
             raw_urls = values["schedulers"]
             if isinstance(raw_urls, str):

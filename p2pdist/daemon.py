@@ -10,11 +10,14 @@ It runs, in one trio nursery:
   uses: ``GET /api/v1/blobs/<digest>?registry=HOST&repository=REPO`` (or ``?url=URL``)
   streams the blob **as its pieces complete in order** while the swarm fetches it, and
   ``GET /api/v1/blobs/<digest>/stats`` tells where its bytes came from;
+* the **registry proxy** (``--proxy-listen``, loopback by default) that dockerd and
+  containerd pull through (:mod:`p2pdist.proxy`);
 * the link to the scheduler: registration, heartbeats, announcements.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -31,7 +34,7 @@ import trio
 from scheduler import Announce, HostLoad, RegisterHost
 
 from . import __version__
-from .config import NodeConfig, split_hostport
+from .config import DEFAULT_PROXY_LISTEN, NodeConfig, split_hostport
 from .digest import Digest
 from .errors import InvalidDigest, UsageError
 from .httpserver import (
@@ -45,16 +48,15 @@ from .httpserver import (
     serve_http,
     serve_http_listeners,
 )
-from .node import BlobOrigin, Job, Node, open_node
+from .node import BlobOrigin, Node, open_node
 from .peer import CompressionCache, PieceLocation, parse_piece_path
 from .pieces import piece_size_for
+from .proxy import RegistryProxy, job_size, stream_job, with_upstream_registry
 from .schedclient import SchedulerClient
 
 __all__ = ["DaemonInfo", "open_daemon", "run_daemon"]
 
 log = logging.getLogger("p2pdist.daemon")
-
-STREAM_CHUNK = 1 << 20
 
 
 @dataclass
@@ -64,6 +66,8 @@ class DaemonInfo:
     api_url: str
     node: Node
     uploaded: int = 0
+    proxy_url: str | None = None
+    """The registry proxy's base URL (None when it is off)."""
 
 
 class _Daemon:
@@ -240,7 +244,7 @@ class _Daemon:
             raise HTTPError(405, "method not allowed")
         origin = _origin(request)
         job = self.node.fetch(digest, origin)
-        size = await _wait_size(job)
+        size = await job_size(job)
         headers = [
             ("Content-Type", "application/octet-stream"),
             ("Content-Length", str(size)),
@@ -248,50 +252,7 @@ class _Daemon:
         ]
         if request.method == "HEAD":
             return Response(200, headers, b"")
-        return Response(200, headers, self._stream(job, size))
-
-    async def _stream(self, job: Job, size: int) -> AsyncIterator[bytes]:
-        """The blob's bytes in order, each as soon as its piece is verified; the final
-        byte only after the whole blob matched its digest.  If the download fails the
-        stream stops short, so the client sees a truncated body."""
-        sent = 0
-        while sent < size:
-            changed = job.changed
-            ready = job.verified_prefix()
-            if job.path is None or job.error is not None:
-                # The last byte waits for the whole-blob digest check: a client never
-                # gets a complete body for a blob that then fails it.
-                ready = min(ready, size - 1)
-            if ready > sent:
-                end = min(ready, sent + STREAM_CHUNK)
-                chunk = await trio.to_thread.run_sync(self._read, job, sent, end)
-                sent += len(chunk)
-                yield chunk
-                continue
-            if job.done.is_set():
-                if job.error is not None:
-                    raise HTTPError(502, str(job.error))
-                if job.verified_prefix() <= sent:
-                    raise HTTPError(500, "download finished short")
-                continue
-            await changed.wait()
-
-    def _read(self, job: Job, start: int, end: int) -> bytes:
-        path = job.path or (job.task.data_path if job.task is not None else None)
-        if path is None:
-            raise HTTPError(500, "blob data went away")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            # The task was committed between our check and the open: read the blob.
-            blob = self.node.store.blob_path(job.digest)
-            if blob is None:
-                raise HTTPError(500, "blob data went away") from None
-            fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.pread(fd, end - start, start)
-        finally:
-            os.close(fd)
+        return Response(200, headers, stream_job(self.node, job, size))
 
     # -- scheduler --------------------------------------------------------------------------
 
@@ -319,19 +280,6 @@ class _Daemon:
     def load(self) -> HostLoad:
         in_use = self.config.upload_slots - self.slots.value
         return HostLoad(upload_slots_in_use=in_use)
-
-
-async def _wait_size(job: Job) -> int:
-    while job.plan is None:
-        if job.done.is_set():
-            if job.error is not None:
-                status = 404 if getattr(job.error, "exit_code", 0) == 3 else 502
-                raise HTTPError(status, str(job.error))
-            break
-        await job.changed.wait()
-    if job.plan is None:
-        raise HTTPError(500, "download finished without a size")
-    return job.plan.size
 
 
 def _origin(request: Request) -> BlobOrigin:
@@ -363,6 +311,7 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
     nursery scope; it stops when the block exits.  Used by ``run_daemon`` and tests."""
     peer_host, peer_port = split_hostport(config.peer_listen, what="peer_listen")
     api_host, api_port = split_hostport(config.api_listen, what="api_listen")
+    config = with_upstream_registry(config)
     async with trio.open_nursery() as nursery:
         # The node needs the link, the link needs the advertised address (after binding).
         peer_listeners = await trio.open_tcp_listeners(peer_port, host=peer_host)
@@ -403,9 +352,27 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
                 partial(serve_http, config=server_config), daemon.api, api_host, api_port
             )
             info.api_url = api.url
+            if config.proxy_listen is not None:
+                proxy_listeners = await _proxy_listeners(config.proxy_listen)
+                if proxy_listeners:
+                    proxy = RegistryProxy(
+                        node, upstream=config.upstream, tag_ttl=config.proxy_tag_ttl
+                    )
+                    served = await nursery.start(
+                        partial(serve_http_listeners, config=server_config),
+                        proxy.handle,
+                        proxy_listeners,
+                    )
+                    info.proxy_url = served.url
             if link is not None:
                 nursery.start_soon(link.heartbeat_forever, daemon.load)
-            log.info("daemon %s: peers at %s, local API at %s", host_id, info.peer_url, api.url)
+            log.info(
+                "daemon %s: peers at %s, local API at %s, registry proxy at %s",
+                host_id,
+                info.peer_url,
+                api.url,
+                info.proxy_url or "(off)",
+            )
             try:
                 yield info
             finally:
@@ -413,6 +380,20 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
                     with trio.CancelScope(shield=True), trio.move_on_after(2):
                         await link.leave()
                 nursery.cancel_scope.cancel()
+
+
+async def _proxy_listeners(listen: str) -> list[trio.SocketListener]:
+    """The proxy's listeners.  The *default* address being taken (another daemon on this
+    host, e.g. a test cluster) turns the proxy off with a warning; an address given
+    explicitly must be free."""
+    host, port = split_hostport(listen, what="proxy_listen")
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        if listen != DEFAULT_PROXY_LISTEN or exc.errno != errno.EADDRINUSE:
+            raise
+        log.warning("registry proxy off: %s is in use (set --proxy-listen)", listen)
+        return []
 
 
 async def _close_on_cancel(
@@ -431,7 +412,8 @@ async def run_daemon(config: NodeConfig) -> NoReturn:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_daemon(config) as info:
             print(
-                f"p2pdist daemon {info.host_id}: peers {info.peer_url}, API {info.api_url}",
+                f"p2pdist daemon {info.host_id}: peers {info.peer_url}, API {info.api_url}, "
+                f"registry proxy {info.proxy_url or 'off'}",
                 flush=True,
             )
             async for _ in signals:

@@ -241,7 +241,16 @@ async def _get_blob(req: GetRequest, config: NodeConfig, ref: Reference) -> None
 async def _get_via_daemon(req: GetRequest, digest: Digest, query: dict[str, str]) -> None:
     """Through the local daemon: it fetches through the swarm and streams the blob as its
     pieces complete in order; we hash the stream too and place the file only if it is
-    the digest."""
+    the digest.  A stream cut short or failing the digest (the daemon found a poisoned
+    piece-hash list and started over) is asked for once more."""
+    try:
+        await _get_via_daemon_once(req, digest, query)
+    except (DigestMismatch, NetworkError) as exc:
+        _say(req, f"retrying through the daemon: {exc}")
+        await _get_via_daemon_once(req, digest, query)
+
+
+async def _get_via_daemon_once(req: GetRequest, digest: Digest, query: dict[str, str]) -> None:
     assert req.daemon is not None
     params: list[tuple[str, str | int | float | bool | None]] = list(query.items())
     params += [("header", f"{k}: {v}") for k, v in req.headers.items()]

@@ -65,7 +65,9 @@ class Job:
     path: Path | None = None
     error: BaseException | None = None
     stats: SwarmStats | None = None
-    waiters: int = 0
+    attempt: int = 0
+    """Bumped each time the download starts over (a poisoned hash list): bytes streamed
+    from an earlier attempt may not be the blob."""
 
     def notify(self, *_: object) -> None:
         self.changed.set()
@@ -236,7 +238,7 @@ class Node:
                 path = self.store.blob_path(digest)
                 assert path is not None
                 return path
-            job.task, job.plan = task, task.plan
+            job.task, job.plan, job.attempt = task, task.plan, attempt
             self._tasks[digest] = task
             try:
                 link = self.link if attempt == 0 else None

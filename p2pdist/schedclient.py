@@ -190,8 +190,8 @@ class SchedulerClient:
     ) -> None:
         await self.call(ReportPieceFailure(self.host_id, str(digest), parent_id, piece, reason))
 
-    async def complete(self, digest: Digest) -> None:
-        await self.call(CompleteTask(self.host_id, str(digest)))
+    async def complete(self, digest: Digest, hashes: dict[int, str] | None) -> None:
+        await self.call(CompleteTask(self.host_id, str(digest), hashes))
 
     async def leave_task(self, digest: Digest) -> None:
         await self.call(LeaveTask(self.host_id, str(digest)))

@@ -296,6 +296,7 @@ class PieceStore:
             return path
         with _mapped("remove corrupt blob", path):
             path.unlink(missing_ok=True)
+            _pieces_file(path).unlink(missing_ok=True)
         return None
 
     def verify_blob(self, digest: Digest) -> bool | None:
@@ -312,7 +313,17 @@ class PieceStore:
             return True
         with _mapped("remove corrupt blob", path):
             path.unlink(missing_ok=True)
+            _pieces_file(path).unlink(missing_ok=True)
         return False
+
+    def blob_piece_hashes(self, digest: Digest) -> tuple[int, list[str]] | None:
+        """``(piece_size, sha256 hex per piece)`` recorded when the blob was committed."""
+        try:
+            raw = json.loads(_pieces_file(self._blob_file(digest)).read_text())
+            piece_size, hashes = int(raw["piece_size"]), [str(h) for h in raw["hashes"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return piece_size, hashes
 
     def export(self, digest: Digest, dest: Path) -> None:
         """Put the complete blob at the new path ``dest``: a hard link when ``dest`` is on
@@ -945,6 +956,9 @@ class Task:
                 # hard links, see PieceStore.export).
                 os.fchmod(data_fd, 0o444)
                 _seal(data_fd)
+                # The piece-hash list goes with the blob, so that after a restart (of the
+                # daemon or the scheduler) peers can still check what this node serves.
+                _write_pieces_file(dest, self.plan.piece_size, self._hashes)
                 os.rename(self.data_path, dest)
                 _fsync_dir(dest.parent)
         except StoreError:
@@ -1045,3 +1059,17 @@ def _sealed_mtime(path: Path) -> int | None:
         return int(os.getxattr(path, _SEAL))
     except (OSError, ValueError):
         return None
+
+
+def _pieces_file(blob: Path) -> Path:
+    return blob.with_name(blob.name + ".pieces")
+
+
+def _write_pieces_file(blob: Path, piece_size: int, hashes: list[bytes | None]) -> None:
+    if any(h is None for h in hashes):
+        return
+    side = _pieces_file(blob)
+    tmp = side.with_name(side.name + ".tmp")
+    body = {"piece_size": piece_size, "hashes": [h.hex() for h in hashes if h is not None]}
+    tmp.write_text(json.dumps(body, separators=(",", ":")))
+    os.replace(tmp, side)

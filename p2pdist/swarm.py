@@ -71,7 +71,7 @@ class SchedulerLink(Protocol):
         self, digest: Digest, parent_id: str, piece: int, reason: FailureReason
     ) -> None: ...
 
-    async def complete(self, digest: Digest) -> None: ...
+    async def complete(self, digest: Digest, hashes: dict[int, str] | None) -> None: ...
 
     async def mismatch(self, digest: Digest, epoch: int | None) -> None: ...
 
@@ -172,11 +172,11 @@ class _Swarm:
 
     async def _from_parent(self, pp: PieceSource) -> None:
         index = pp.piece
+        reason: FailureReason | None = None
         try:
             expected = self.hashes.get(index)
             if expected is None:  # the scheduler never assigns these; be safe anyway
                 return
-            reason: FailureReason | None = None
             with trio.move_on_after(self.piece_timeout) as scope:
                 try:
                     data, wire = await fetch_piece(
@@ -193,26 +193,26 @@ class _Swarm:
                         "piece %d of %s from %s failed its sha256", index, self.digest, pp.parent_id
                     )
                 except PeerError as exc:
-                    reason = "refused" if exc.status in (404, 409) else "error"
+                    reason = "refused" if exc.status in (404, 409, 503) else "error"
             if scope.cancelled_caught:
                 reason = "slow"
-            if reason is not None:
-                await self.link.report_failure(self.digest, pp.parent_id, index, reason)
-            if reason == "bad_hash":
-                await report_bad_piece(self.peers, pp.parent_addr, self.digest, index)
         finally:
+            # Free the piece *before* telling the scheduler: its next answer may hand the
+            # piece straight back (to another parent, or as a source lease).
             self.inflight.discard(index)
             self.slots.release()
             self._progressed()
+        if reason is not None:
+            await self.link.report_failure(self.digest, pp.parent_id, index, reason)
+        if reason == "bad_hash":
+            await report_bad_piece(self.peers, pp.parent_addr, self.digest, index)
 
     async def _from_source(self, run: list[int]) -> None:
+        fetcher = SourceFetcher(self.source, self.task, concurrency=1, on_piece=self._source_piece)
         try:
-            fetcher = SourceFetcher(
-                self.source, self.task, concurrency=1, on_piece=self._source_piece
-            )
             await fetcher.fetch_spans([run])
-            self.stats.from_source += fetcher.stats.received
         finally:
+            self.stats.from_source += fetcher.stats.received
             for index in run:
                 self.inflight.discard(index)
             self.slots.release()
@@ -351,7 +351,8 @@ async def swarm_download(
     stats.from_source += dstats.received
     stats.seconds = time.perf_counter() - started
     if link is not None:
-        await _quietly(link.complete(task.digest))
+        hashes = {i: h for i, h in enumerate(task.piece_hashes()) if h is not None}
+        await _quietly(link.complete(task.digest, hashes or None))
     return path, stats
 
 
