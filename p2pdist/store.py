@@ -160,9 +160,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_WRITE_CHUNK = 256 << 10
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    # In chunks: on this kernel one 4 MiB buffered write into fresh page cache cost up
+    # to 10x the kernel time of the same bytes in 256 KiB writes (measured, ext4).
     while data:
-        n = os.pwrite(fd, data, offset)
+        n = os.pwrite(fd, data[:_WRITE_CHUNK], offset)
         data = data[n:]
         offset += n
 
