@@ -88,6 +88,7 @@ log = logging.getLogger("p2pdist.proxy")
 
 API_VERSION_HEADER: Final = ("Docker-Distribution-API-Version", "registry/2.0")
 STREAM_CHUNK: Final = 1 << 20
+_STREAM_POLL: Final = 0.25
 _MAX_ERROR_BODY: Final = 64 << 10
 _PING_TIMEOUT: Final = 5.0
 _PATH = re.compile(r"/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)")
@@ -150,7 +151,11 @@ async def stream_job(
             if job.verified_prefix() <= sent:
                 raise HTTPError(500, "download finished short")
             continue
-        await changed.wait()
+        # The job wakes us when it changes; the registry-only download path reports bytes
+        # as they arrive, before their piece is stored and verified, so also look again
+        # now and then: a stalled upstream must not hold back bytes already verified.
+        with trio.move_on_after(_STREAM_POLL):
+            await changed.wait()
 
 
 def _read_job(node: Node, job: Job, start: int, end: int) -> bytes:
