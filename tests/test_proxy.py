@@ -11,6 +11,7 @@ import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -36,10 +37,14 @@ from p2pdist.registry import (
     MEDIA_DOCKER_MANIFEST,
     MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
+    parse_www_authenticate,
 )
 from tests.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.faultproxy import FaultProxy
 from tests.helpers import PushedImage, requires_registry
+
+if TYPE_CHECKING:  # tokenserver needs `cryptography` (the fixture skips without it)
+    from tests.tokenserver import TokenRegistry
 
 pytestmark = [pytest.mark.integration, requires_registry]
 
@@ -359,6 +364,34 @@ async def test_auth_passes_through(tmp_path: Path, auth_registry: LocalRegistry)
         r = await c.get("/v2/private/app/manifests/v1", auth=creds, headers={"Accept": ALL_TYPES})
         assert r.status_code == 200 and r.content == image.manifest
         r = await c.get(f"/v2/private/app/blobs/{image.layer_digests[0]}", auth=creds)
+        assert r.status_code == 200 and r.content == image.layers[0]
+
+
+async def test_bearer_token_dance_through_the_proxy(
+    tmp_path: Path, token_registry: TokenRegistry
+) -> None:
+    """What docker does with Docker Hub: the ping's challenge names the token server, the
+    client gets a (here anonymous) token for its scope there, and the proxy passes it on."""
+    tr = token_registry
+    image = make_image(size=3 * PIECE, layers=1, seed=46)
+    push_image(tr.url, "proxy/tok", "v1", image, auth=lambda: tr.push_token("proxy/tok"))
+    async with proxy_daemon(tmp_path, tr.url) as info, _client(info) as c:
+        r = await c.get("/v2/")
+        assert r.status_code == 401
+        scheme, params = parse_www_authenticate(r.headers["www-authenticate"])
+        assert scheme == "bearer" and params["realm"]
+        r = await c.get("/v2/proxy/tok/manifests/v1", headers={"Accept": ALL_TYPES})
+        assert r.status_code == 401 and "www-authenticate" in r.headers
+        async with httpx.AsyncClient(verify=False, trust_env=False) as auth_client:
+            t = await auth_client.get(
+                params["realm"],
+                params={"service": params.get("service", ""), "scope": "repository:proxy/tok:pull"},
+            )
+        assert t.status_code == 200, t.text
+        bearer = {"Authorization": f"Bearer {t.json()['token']}", "Accept": ALL_TYPES}
+        r = await c.get("/v2/proxy/tok/manifests/v1", headers=bearer)
+        assert r.status_code == 200 and r.content == image.manifest
+        r = await c.get(f"/v2/proxy/tok/blobs/{image.layer_digests[0]}", headers=bearer)
         assert r.status_code == 200 and r.content == image.layers[0]
 
 
