@@ -60,15 +60,17 @@ import trio
 
 from .config import NodeConfig, RegistryConfig
 from .digest import Digest, sha256_digest
-from .errors import InvalidDigest, NetworkError, UpstreamError
+from .errors import InvalidDigest, ManifestInvalid, NetworkError, UpstreamError
 from .httpserver import FileBody, HTTPError, Request, Response, content_range, parse_range
 from .node import BlobOrigin, Job, Node
 from .reference import DOCKER_HUB, DOCKER_HUB_API, is_valid_repository, is_valid_tag
 from .registry import (
     ALL_MANIFEST_TYPES,
     MAX_MANIFEST_SIZE,
+    ImageManifest,
     RegistryClient,
     RetryPolicy,
+    parse_manifest,
     resolve_credentials,
 )
 from .registry._http import open_response, read_capped
@@ -324,6 +326,9 @@ class RegistryProxy:
         # back to it (with its Retry-After).
         self.retry = retry or RetryPolicy(attempts=3, base=0.1, cap=1.0, max_retry_after=0.0)
         self._tags: dict[tuple[str, str, str], _TagEntry] = {}
+        self._sizes: dict[Digest, int] = {}
+        """Blob sizes from the image manifests served: what a blob GET falls back on when
+        the upstream cannot be asked (its bytes may still come from peers)."""
         self._own_credentials: dict[str, bool] = {}
 
     async def handle(self, request: Request) -> Response:
@@ -479,6 +484,7 @@ class RegistryProxy:
         if digest is not None:
             cached = await self.manifests.get(digest)
             if cached is not None:
+                self._note_sizes(cached.media_type, cached.data)
                 return _manifest_response(cached.digest, cached.media_type, cached.data, head)
         up = await self._upstream(request, name)
         accept = request.headers.get("accept") or ", ".join(ALL_MANIFEST_TYPES)
@@ -509,6 +515,7 @@ class RegistryProxy:
         cached = await self.manifests.get(entry.digest)
         if cached is None:
             return None
+        self._note_sizes(cached.media_type, cached.data)
         return _manifest_response(cached.digest, cached.media_type, cached.data, head=False)
 
     async def _manifest_upstream(
@@ -564,6 +571,7 @@ class RegistryProxy:
                 found = claimed
         media_type = _sniff_media_type(data, media_type)
         await self.manifests.put(found, media_type, data)
+        self._note_sizes(media_type, data)
         if tag is not None:
             self._remember_tag(up, tag, found, media_type, len(data))
         return _manifest_response(found, media_type, data, head)
@@ -574,6 +582,17 @@ class RegistryProxy:
         self._tags[(up.host, up.name, tag)] = _TagEntry(
             digest, media_type, size, trio.current_time()
         )
+
+    def _note_sizes(self, media_type: str, data: bytes) -> None:
+        try:
+            parsed = parse_manifest(data, media_type)
+        except ManifestInvalid:
+            return
+        if isinstance(parsed, ImageManifest):
+            if len(self._sizes) > 100_000:
+                self._sizes.clear()
+            for desc in (parsed.config, *parsed.layers):
+                self._sizes[desc.digest] = desc.size
 
     # -- blobs -----------------------------------------------------------------------------
 
@@ -591,7 +610,16 @@ class RegistryProxy:
             # Not on the node: the upstream says whether this client may have it, and
             # its size (so the download does not ask again).
             up = await self._upstream(request, name)
-            size = await self._blob_size_upstream(up, digest)
+            try:
+                size = await self._blob_size_upstream(up, digest)
+            except HTTPError as exc:
+                known = self._sizes.get(digest)
+                if known is None or exc.status not in (429, 502, 503):
+                    raise
+                # The upstream cannot be asked; a manifest we served names the size, and
+                # the swarm may have the bytes.
+                log.warning("blob %s: upstream failing (%s); trying the swarm", digest, exc)
+                size = known
             if request.method == "HEAD":
                 return Response(200, [*headers, ("Content-Length", str(size))], b"")
             job = self.node.fetch(digest, self._origin(up, digest), size=size)

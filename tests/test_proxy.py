@@ -39,6 +39,7 @@ from p2pdist.registry import (
     MEDIA_OCI_MANIFEST,
     parse_www_authenticate,
 )
+from scheduler.service import serve_scheduler
 from tests.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.faultproxy import FaultProxy
 from tests.helpers import PushedImage, requires_registry
@@ -64,7 +65,7 @@ async def proxy_daemon(
         proxy_listen="127.0.0.1:0",
         upstream=upstream,
         piece_size=PIECE,
-        host_id="proxy-node",
+        host_id=f"proxy-{tmp_path.name}",
         docker_config=NO_DOCKER_CONFIG,
         **kw,  # type: ignore[arg-type]
     )
@@ -325,6 +326,35 @@ async def test_cached_manifests_served_when_upstream_is_down(
     async with proxy_daemon(tmp_path, "http://127.0.0.1:9") as info, _client(info) as c:
         r = await c.get(by_digest)
         assert r.status_code == 200 and r.content == image.manifest
+
+
+async def test_upstream_down_blob_from_a_peer(tmp_path: Path, registry: LocalRegistry) -> None:
+    """The image on a peer, not on this node, and the registry gone: the size comes from
+    the manifest this proxy served, the bytes from the peer."""
+    image = make_image(size=6 * PIECE, layers=1, seed=47)
+    push_image(registry.url, "proxy/peer", "v1", image)
+    layer, digest = image.layers[0], image.layer_digests[0]
+    accept = {"Accept": ALL_TYPES}
+    with FaultProxy(registry.url) as front:
+        async with trio.open_nursery() as nursery:
+            sched = await nursery.start(serve_scheduler, "127.0.0.1", 0)
+            extra = {"schedulers": (sched.url,)}
+            async with (
+                proxy_daemon(tmp_path / "a", front.url, **extra) as a,
+                proxy_daemon(tmp_path / "b", front.url, **extra) as b,
+                _client(a) as ca,
+                _client(b) as cb,
+            ):
+                r = await ca.get(f"/v2/proxy/peer/blobs/{digest}")
+                assert r.status_code == 200 and r.content == layer
+                r = await cb.get("/v2/proxy/peer/manifests/v1", headers=accept)
+                assert r.status_code == 200
+                front.stop()
+                r = await cb.get(f"/v2/proxy/peer/blobs/{digest}")
+                assert r.status_code == 200 and r.content == layer
+                stats = b.node.stats[Digest.parse(digest)]
+                assert stats.from_peers == len(layer) and stats.from_source == 0
+            nursery.cancel_scope.cancel()
 
 
 async def test_tag_ttl_answers_from_cache(tmp_path: Path, fault_proxy: FaultProxy) -> None:
