@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +67,20 @@ def run_swarm(
     sizes = {d: len(b) for d, b in image.blobs().items()}
     image_bytes = sum(sizes.values())
     out.mkdir(parents=True, exist_ok=True)
-    with LocalRegistry() as reg, Cluster(nodes, piece_size=piece_size) as cluster:
+    with (
+        LocalRegistry() as reg,
+        tempfile.TemporaryDirectory(prefix="p2pdist-swarm-") as tmp,
+        Cluster(Path(tmp), daemons=nodes, piece_size=piece_size, log_level="warning") as cluster,
+    ):
         echo(f"swarm: registry {reg.url}, scheduler {cluster.scheduler_url}, {nodes} daemons")
         push_image(reg.url, "demo/app", "latest", image)
         started = time.perf_counter()
         for n, digest in enumerate(blobs):
             outs = [out / f"node{i}-blob{n}" for i in range(nodes)]
-            codes, seconds = cluster.get_all(f"{reg.host}/demo/app@{digest}", outs)
+            t0 = time.perf_counter()
+            gets = [cluster.get(i, f"{reg.host}/demo/app@{digest}", outs[i]) for i in range(nodes)]
+            codes = [g.wait(timeout=600) for g in gets]
+            seconds = time.perf_counter() - t0
             if any(codes):
                 raise SystemExit(f"swarm: a get failed: exit codes {codes}")
             for path in outs:

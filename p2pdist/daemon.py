@@ -20,8 +20,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
+import shutil
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -78,6 +81,7 @@ class _Daemon:
         self.slots = trio.Semaphore(config.upload_slots)
         self.zstd = CompressionCache()
         self.verify_lock = trio.Lock()
+        self._last_load = (time.monotonic(), 0, 0, 0.0)
         self.verifying_recently: set[Digest] = set()
 
     # -- peer server ----------------------------------------------------------------------
@@ -260,8 +264,21 @@ class _Daemon:
         out: list[Announce] = []
         blobs = await trio.to_thread.run_sync(self.node.store.list_blobs)
         for digest, size in blobs:
-            piece_size = piece_size_for(size, self.config.piece_size)
-            out.append(Announce(self.info.host_id, str(digest), size, piece_size, complete=True))
+            recorded = self.node.store.blob_piece_hashes(digest)
+            if recorded is not None:
+                piece_size, hashes = recorded[0], dict(enumerate(recorded[1]))
+            else:
+                piece_size, hashes = piece_size_for(size, self.config.piece_size), {}
+            out.append(
+                Announce(
+                    self.info.host_id,
+                    str(digest),
+                    size,
+                    piece_size,
+                    complete=True,
+                    hashes=hashes or None,
+                )
+            )
         for digest, task in self.node.open_tasks().items():
             verified = tuple(i for i in range(task.plan.count) if task.is_verified(i))
             hashes = {i: h for i, h in enumerate(task.piece_hashes()) if h is not None}
@@ -278,8 +295,30 @@ class _Daemon:
         return out
 
     def load(self) -> HostLoad:
-        in_use = self.config.upload_slots - self.slots.value
-        return HostLoad(upload_slots_in_use=in_use)
+        """What the heartbeat reports: upload slots in use, bytes/s up and down since the
+        last heartbeat, this process's CPU share and RSS, free disk under the data dir."""
+        now = time.monotonic()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_seconds = usage.ru_utime + usage.ru_stime
+        down = sum(s.from_peers + s.from_source for s in self.node.stats.values())
+        last = self._last_load
+        elapsed = max(1e-3, now - last[0])
+        up_bps = max(0, self.info.uploaded - last[1]) / elapsed
+        down_bps = max(0, down - last[2]) / elapsed
+        cpu = min(1.0, max(0.0, (cpu_seconds - last[3]) / elapsed / (os.cpu_count() or 1)))
+        self._last_load = (now, self.info.uploaded, down, cpu_seconds)
+        try:
+            free = shutil.disk_usage(self.config.data_dir).free
+        except OSError:
+            free = 0
+        return HostLoad(
+            upload_slots_in_use=self.config.upload_slots - self.slots.value,
+            up_bps=up_bps,
+            down_bps=down_bps,
+            cpu=cpu,
+            rss=_current_rss(),
+            free_disk=free,
+        )
 
 
 def _origin(request: Request) -> BlobOrigin:
@@ -299,6 +338,14 @@ def _origin(request: Request) -> BlobOrigin:
         )
     except UsageError as exc:
         raise HTTPError(400, str(exc)) from None
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _host_id(config: NodeConfig, advertise: str) -> str:

@@ -186,12 +186,10 @@ class SourceFetcher:
         self.buffers = trio.Semaphore(max(2, 2 * concurrency))
         self.threads = trio.CapacityLimiter(max(2, min(concurrency, os.cpu_count() or 2)))
         self.pool = _BufferPool(self.plan.piece_size, limit=3 * max(2, concurrency) + 2)
-        self.received_in_flight = 0
+        self.stored = 0
 
     def _count(self, n: int) -> None:
         self.stats.received += n
-        if self.progress is not None:
-            self.progress(self.stats.received + self.stats.reused, self.plan.size)
 
     async def _store(self, index: int, buf: bytearray) -> None:
         try:
@@ -201,6 +199,10 @@ class SourceFetcher:
             )
             if self.on_piece is not None:
                 self.on_piece(index, sha)
+            self.stored += self.plan.length(index)
+            if self.progress is not None:
+                # After the piece is stored and verified: progress means readable bytes.
+                self.progress(self.stats.reused + self.stored, self.plan.size)
         finally:
             # The sink only borrows the buffer for the call: it can be reused now.
             self.pool.give(buf)

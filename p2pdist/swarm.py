@@ -221,6 +221,7 @@ class _Swarm:
     def _source_piece(self, index: int, sha: str) -> None:
         self.hashes[index] = sha
         self._record(index, sha)
+        self._progressed()
 
     async def run(self) -> None:
         await self.link.start_task(self.digest, self.plan.size, self.plan.piece_size)

@@ -1,5 +1,5 @@
 """The swarm end to end: a real scheduler and real node daemons (subprocesses, see
-``tests/cluster.py``) fetching blobs from a real registry behind a FaultProxy (which
+``bench/cluster.py``) fetching blobs from a real registry behind a FaultProxy (which
 records every request, so the bytes the registry served can be counted).
 
 What each test asserts is in its name; every ``p2pdist get`` must exit 0 with the exact
@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from bench.cluster import Cluster, http_json, wait_until
 from bench.image import push_blob
 from bench.localregistry import LocalRegistry
 from p2pdist.pieces import PiecePlan, piece_size_for
-from tests.cluster import Cluster, http_json, wait_until
 from tests.faultproxy import BackgroundHTTPServer, FaultProxy
 from tests.helpers import requires_registry
 
