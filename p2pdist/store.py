@@ -514,6 +514,9 @@ class Task:
         self._busy = 0
         self._closed = False
         self._hash_lock = threading.Lock()
+        # Buffered writes to one file serialise on the inode lock in the kernel anyway,
+        # where the waiter spins (9% of a download's CPU, measured); waiting here sleeps.
+        self._write_lock = threading.Lock()
         self._hasher = digest.hasher()
         self._hashed = 0  # pieces [0, _hashed) are in _hasher
         self._hash_buf: bytearray | None = None
@@ -744,7 +747,7 @@ class Task:
         try:
             data_fd = self._data_fd
             assert data_fd is not None
-            with _mapped(f"write piece {index} to", self.data_path):
+            with self._write_lock, _mapped(f"write piece {index} to", self.data_path):
                 _pwrite_all(data_fd, mv, self.plan.start(index))
                 _start_writeback(data_fd, self.plan.start(index), length)
                 if self._store.durable:
