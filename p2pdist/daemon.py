@@ -365,9 +365,16 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
         bound_port = peer_listeners[0].socket.getsockname()[1]
         advertise = config.advertise or ("" if peer_host in ("0.0.0.0", "::") else peer_host)
         if not advertise:
-            raise UsageError(
-                "--advertise is required when the peer server listens on all addresses"
-            )
+            # Listening on all addresses: advertise the address this host's name resolves
+            # to (a pod's IP in Kubernetes), unless that is loopback.
+            try:
+                advertise = socket.gethostbyname(socket.gethostname())
+            except OSError:
+                advertise = ""
+            if not advertise or advertise.startswith("127."):
+                raise UsageError(
+                    "--advertise is required when the peer server listens on all addresses"
+                )
         if ":" not in advertise.strip("[]") or advertise.startswith("["):
             advertise = f"{advertise}:{bound_port}"
         host_id = _host_id(config, advertise)
