@@ -30,6 +30,25 @@ from ..errors import (
 )
 from ._retry import RetryPolicy, is_retryable_status, parse_retry_after
 
+
+def _tune_httpcore_reads(read_size: int = 256 * 1024) -> None:
+    """Let httpcore read up to 256 KiB per ``recv`` instead of 64 KiB.
+
+    Blob bodies are most of what p2pdist receives, and per-read Python overhead (httpcore →
+    h11 → httpx) dominated its CPU: measured on 1 GiB over 8 ranges, the receive path's CPU
+    fell from 1.1–1.3 s to 0.7 s.  ``READ_NUM_BYTES`` is a class attribute of httpcore's
+    HTTP/1.1 connection with no public knob; p2pdist is an application (its processes are
+    its own), so it is set once, process-wide, if the attribute exists."""
+    try:
+        from httpcore._async.http11 import AsyncHTTP11Connection
+    except ImportError:  # pragma: no cover - httpcore reorganised
+        return
+    if getattr(AsyncHTTP11Connection, "READ_NUM_BYTES", read_size) < read_size:
+        AsyncHTTP11Connection.READ_NUM_BYTES = read_size
+
+
+_tune_httpcore_reads()
+
 __all__ = [
     "MAX_REDIRECTS",
     "USER_AGENT",
