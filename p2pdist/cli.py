@@ -123,6 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--upload-slots", type=_positive, help="concurrent uploads to peers")
     daemon.add_argument("--log-level", default="info", help="debug, info, warning, error")
 
+    setup = sub.add_parser(
+        "setup",
+        help="point dockerd or containerd at the node's registry proxy",
+        description="Print (or --write) the runtime configuration that pulls through the "
+        "node's proxy.",
+    )
+    setup.add_argument("runtime", choices=["docker", "containerd"])
+    setup.add_argument("--proxy", default="http://127.0.0.1:65001", help="the proxy's URL")
+    setup.add_argument("--registry", help="containerd: the registry host to route (e.g. docker.io)")
+    setup.add_argument("--write", action="store_true", help="write the file (keeps a .bak)")
+    setup.add_argument(
+        "--path",
+        help="file (docker: /etc/docker/daemon.json) or certs.d dir (containerd: "
+        "/etc/containerd/certs.d)",
+    )
+
     sched = sub.add_parser(
         "scheduler",
         help="run the scheduler",
@@ -197,6 +213,35 @@ def _run_daemon(args: argparse.Namespace) -> None:
     trio.run(run_daemon, config)
 
 
+def _run_setup(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .setup import containerd_hosts_toml, docker_daemon_json, write_with_backup
+
+    if args.runtime == "docker":
+        path = Path(args.path or "/etc/docker/daemon.json")
+        try:
+            existing = path.read_text() if path.exists() else None
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        content = docker_daemon_json(existing, args.proxy)
+    else:
+        if not args.registry:
+            raise UsageError("setup containerd needs --registry HOST (e.g. docker.io)")
+        path = Path(args.path or "/etc/containerd/certs.d") / args.registry / "hosts.toml"
+        content = containerd_hosts_toml(args.registry, args.proxy)
+    if not args.write:
+        print(content, end="")
+        return
+    try:
+        backup = write_with_backup(path, content)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    print(f"wrote {path}" + (f" (previous version kept as {backup})" if backup else ""))
+    if args.runtime == "docker":
+        print("restart dockerd to apply it (e.g. systemctl restart docker)")
+
+
 def _run_scheduler(args: argparse.Namespace) -> None:
     from scheduler.service import run_scheduler
 
@@ -217,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_daemon(args)
         elif args.command == "scheduler":
             _run_scheduler(args)
+        elif args.command == "setup":
+            _run_setup(args)
         return 0
     except P2PDistError as exc:
         print(f"p2pdist: error: {exc}", file=sys.stderr)
