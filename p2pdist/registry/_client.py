@@ -474,20 +474,31 @@ class RegistryClient:
             parsed = parse_manifest(child.data, media_type, digest=child.digest)
         raise ManifestInvalid(f"manifest {self._name(repo, reference)}: indexes nested too deep")
 
-    async def blob_size(self, repo: str, digest: Digest) -> int:
-        """``HEAD blobs/<digest>`` → its size."""
+    async def _open_blob(
+        self, method: str, repo: str, digest: Digest
+    ) -> tuple[httpx.Response, str]:
+        """``method blobs/<digest>`` answered 200 (else the typed error), and its name for
+        messages.  The caller closes the response."""
         _check_repo(repo)
         what = self._blob_what(repo, digest)
         response = await self._open(
-            "HEAD",
+            method,
             f"/v2/{repo}/blobs/{digest}",
             repo=repo,
             headers={"Accept-Encoding": "identity"},
             what=what,
         )
-        try:
-            if response.status_code != 200:
+        if response.status_code != 200:
+            try:
                 raise await self._fail(response, what)
+            finally:
+                await response.aclose()
+        return response, what
+
+    async def blob_size(self, repo: str, digest: Digest) -> int:
+        """``HEAD blobs/<digest>`` → its size."""
+        response, what = await self._open_blob("HEAD", repo, digest)
+        try:
             length = response.headers.get("content-length")
         finally:
             await response.aclose()
@@ -504,18 +515,8 @@ class RegistryClient:
 
     async def fetch_blob(self, repo: str, digest: Digest, *, max_size: int = 64 << 20) -> bytes:
         """A small blob (e.g. an image config) in memory, verified against its digest."""
-        _check_repo(repo)
-        what = self._blob_what(repo, digest)
-        response = await self._open(
-            "GET",
-            f"/v2/{repo}/blobs/{digest}",
-            repo=repo,
-            headers={"Accept-Encoding": "identity"},
-            what=what,
-        )
+        response, what = await self._open_blob("GET", repo, digest)
         try:
-            if response.status_code != 200:
-                raise await self._fail(response, what)
             data = await read_capped(response, max_size, what)
         finally:
             await response.aclose()
