@@ -139,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
         "/etc/containerd/certs.d)",
     )
 
+    imp = sub.add_parser(
+        "import",
+        help="seed the node's store from a docker save archive or an OCI layout",
+        description="Verify every blob of a `docker save` tar or an OCI image layout (dir or "
+        "tar), put them in the node's store and record the manifest and tags, so the node's "
+        "proxy and its peers serve the image with no registry.",
+    )
+    imp.add_argument("archive", help="docker save tar, OCI layout directory or OCI layout tar")
+    imp.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        help="REGISTRY/REPO:TAG to record (repeatable; replaces the archive's own tags)",
+    )
+    imp.add_argument("--data-dir", help="the node's data directory")
+    imp.add_argument("--config", help="config file (TOML)")
+
     sched = sub.add_parser(
         "scheduler",
         help="run the scheduler",
@@ -242,6 +259,21 @@ def _run_setup(args: argparse.Namespace) -> None:
         print("restart dockerd to apply it (e.g. systemctl restart docker)")
 
 
+def _run_import(args: argparse.Namespace) -> None:
+    from .importer import import_archive, summary
+
+    config = load_node_config(args.config, overrides={"data_dir": args.data_dir})
+    result = import_archive(
+        args.archive,
+        config.data_dir,
+        tags=args.tag,
+        piece_size=config.piece_size,
+        say=lambda line: print(line, flush=True),
+    )
+    for line in summary(result):
+        print(line)
+
+
 def _run_scheduler(args: argparse.Namespace) -> None:
     from scheduler.service import run_scheduler
 
@@ -264,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_scheduler(args)
         elif args.command == "setup":
             _run_setup(args)
+        elif args.command == "import":
+            _run_import(args)
         return 0
     except P2PDistError as exc:
         print(f"p2pdist: error: {exc}", file=sys.stderr)

@@ -23,6 +23,12 @@ pull side of the OCI distribution API, so dockerd (``registry-mirrors``) and con
   ``DENIED`` 403, ``UNSUPPORTED`` 405 for writes, ``TOOMANYREQUESTS`` 429, ``UNAVAILABLE``
   502/503 when the upstream fails or cannot be reached).
 
+**Imported tags** (``p2pdist import``, air-gapped seeding): a tag recorded in
+:class:`ImportedTags` is answered from the node when the request has no upstream (no
+``--upstream`` and no ``?ns=``) or the upstream does not know the tag or cannot be asked
+(404, 429, 502, 503); the manifest comes from the :class:`ManifestCache` and the blobs from
+the store, so such an image is served with no registry at all.
+
 **Upstream.**  containerd's ``?ns=<host>`` picks the registry per request (``docker.io`` →
 ``registry-1.docker.io``); without it, ``--upstream URL``.  Each host's URL, TLS settings
 and credentials come from ``[registries."HOST"]`` (loopback hosts speak plain http).
@@ -78,6 +84,7 @@ from .registry._http import open_response, read_capped
 __all__ = [
     "API_VERSION_HEADER",
     "CachedManifest",
+    "ImportedTags",
     "ManifestCache",
     "RegistryProxy",
     "job_size",
@@ -240,6 +247,14 @@ class ManifestCache:
             self._remember(found)
         return found
 
+    def put_blocking(self, digest: Digest, media_type: str, data: bytes) -> CachedManifest:
+        """:meth:`put` to disk only, from a thread or another process (``p2pdist import``)."""
+        if not digest.matches(data) or "\n" in media_type:
+            raise ValueError(f"refusing to cache bytes that do not match {digest}")
+        manifest = CachedManifest(digest, media_type, data)
+        self._save(manifest)
+        return manifest
+
     async def put(self, digest: Digest, media_type: str, data: bytes) -> CachedManifest:
         if not digest.matches(data) or "\n" in media_type:
             raise ValueError(f"refusing to cache bytes that do not match {digest}")
@@ -288,6 +303,50 @@ class _TagEntry:
     at: float
 
 
+class ImportedTags:
+    """Tags recorded by ``p2pdist import``: one JSON file per tag,
+    ``root/<repository>/_tags/<tag>`` = ``{"digest", "media_type", "size", "registry"}``,
+    written atomically (``_tags`` cannot be a repository component, so no repository's
+    files collide with another's).  Keyed by repository path only: a client naming any
+    registry (or none, as dockerd's ``registry-mirrors`` does) gets the imported tag.  The
+    manifest's bytes live in the :class:`ManifestCache` (verified there)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, name: str, tag: str) -> Path:
+        if not is_valid_repository(name) or not is_valid_tag(tag):
+            raise ValueError(f"invalid repository or tag {name[:80]!r}:{tag[:80]!r}")
+        return self.root / name / "_tags" / tag
+
+    def get(self, name: str, tag: str) -> _TagEntry | None:
+        try:
+            raw = json.loads(self._path(name, tag).read_bytes())
+            digest = Digest.parse(str(raw["digest"]))
+            media_type, size = str(raw["media_type"]), int(raw["size"])
+        except (OSError, ValueError, KeyError, TypeError, InvalidDigest):
+            return None
+        return _TagEntry(digest, media_type, size, 0.0)
+
+    def set(self, name: str, tag: str, manifest: CachedManifest, registry: str = "") -> Path:
+        path = self._path(name, tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "digest": str(manifest.digest),
+            "media_type": manifest.media_type,
+            "size": len(manifest.data),
+            "registry": registry,
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(doc) + "\n")
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return path
+
+
 # -- the proxy ------------------------------------------------------------------------------
 
 
@@ -322,6 +381,7 @@ class RegistryProxy:
         self.default_host = upstream_host(upstream) if upstream else None
         self.tag_ttl = tag_ttl
         self.manifests = ManifestCache(cache_dir or node.config.data_dir / "proxy" / "manifests")
+        self.imported = ImportedTags(node.config.data_dir / "proxy" / "tags")
         # Quick retries only: the runtime behind us retries too, and a 429 goes straight
         # back to it (with its Retry-After).
         self.retry = retry or RetryPolicy(attempts=3, base=0.1, cap=1.0, max_retry_after=0.0)
@@ -486,8 +546,14 @@ class RegistryProxy:
             if cached is not None:
                 self._note_sizes(cached.media_type, cached.data)
                 return _manifest_response(cached.digest, cached.media_type, cached.data, head)
-        up = await self._upstream(request, name)
         accept = request.headers.get("accept") or ", ".join(ALL_MANIFEST_TYPES)
+        try:
+            up = await self._upstream(request, name)
+        except HTTPError:  # no upstream for this request
+            found = None if tag is None else await self._imported(name, tag, accept, head)
+            if found is None:
+                raise
+            return found
         key = (up.host, name, tag or "")
         if tag is not None and self.tag_ttl > 0:
             entry = self._tags.get(key)
@@ -498,14 +564,21 @@ class RegistryProxy:
         try:
             return await self._manifest_upstream(up, digest, tag, accept, head)
         except HTTPError as exc:
-            if tag is None or exc.status not in (429, 502, 503):
+            if tag is None or exc.status not in (404, 429, 502, 503):
                 raise
-            entry = self._tags.get(key)
+            entry = self._tags.get(key) if exc.status != 404 else None
             found = None if entry is None else await self._from_tag_entry(entry, accept, head)
+            if found is None:
+                found = await self._imported(name, tag, accept, head)
             if found is None:
                 raise
             log.warning("%s:%s: upstream failing (%s); answered from cache", up.what, tag, exc)
             return found
+
+    async def _imported(self, name: str, tag: str, accept: str, head: bool) -> Response | None:
+        """The tag as ``p2pdist import`` recorded it, or None."""
+        entry = await trio.to_thread.run_sync(self.imported.get, name, tag)
+        return None if entry is None else await self._from_tag_entry(entry, accept, head)
 
     async def _from_tag_entry(self, entry: _TagEntry, accept: str, head: bool) -> Response | None:
         if not _accepts(accept, entry.media_type):
