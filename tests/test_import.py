@@ -281,3 +281,34 @@ def test_bad_tag_is_usage_error(tmp_path: Path, image: Image) -> None:
     archive = tmp_path / "img.tar"
     archive.write_bytes(docker_save_tar(image))
     assert _import(tmp_path, archive, "--tag", "Bad Name!") == 2
+
+
+def test_docker_save_symlinked_layer(tmp_path: Path, image: Image) -> None:
+    """docker save writes a repeated layer once and links to it."""
+    layer, diff_id = image.layers[0], image.diff_ids[0]
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [diff_id, diff_id]}}).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = [
+        {"Config": config_name, "RepoTags": ["dup:1"], "Layers": ["a/layer.tar", "b/layer.tar"]}
+    ]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("a/layer.tar", layer), (config_name, config)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("b/layer.tar")
+        link.type, link.linkname = tarfile.SYMTYPE, "../a/layer.tar"
+        tar.addfile(link)
+        info = tarfile.TarInfo("manifest.json")
+        raw = json.dumps(manifest).encode()
+        info.size = len(raw)
+        tar.addfile(info, io.BytesIO(raw))
+    archive = tmp_path / "dup.tar"
+    archive.write_bytes(buf.getvalue())
+    result = import_archive(archive, tmp_path / "data", say=lambda _: None)
+    assert [b.present for b in result.blobs] == [False, True, False]
+    (m,) = result.manifests
+    layers = json.loads(m.data)["layers"]
+    assert [entry["digest"] for entry in layers] == [image.layer_digests[0]] * 2
+    assert result.tags == ["docker.io/library/dup:1"]
