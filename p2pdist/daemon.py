@@ -104,6 +104,8 @@ class _Daemon:
             piece_size = int(request.query.get("piece_size", [""])[0])
         except ValueError:
             raise HTTPError(400, "piece_size query parameter required") from None
+        if not 1 <= piece_size <= 1 << 30:
+            raise HTTPError(400, "piece_size out of range")
         if self.node.piece_location(digest, index, piece_size) is None:
             raise HTTPError(404, f"piece {index} of {digest} is not verified here")
         if not self._acquire_slot():

@@ -155,6 +155,13 @@ class Node:
         if path is None:
             return None
         size = path.stat().st_size
+        # Only the blob's own piece plan: a peer must not choose how much we read at once.
+        recorded = self.store.blob_piece_hashes(digest)
+        allowed = {piece_size_for(size, self.config.piece_size)}
+        if recorded is not None:
+            allowed.add(recorded[0])
+        if piece_size not in allowed:
+            return None
         plan = PiecePlan(size, piece_size)
         if not 0 <= index < plan.count:
             return None
@@ -227,21 +234,25 @@ class Node:
             job.plan = PiecePlan(existing.stat().st_size, self.config.piece_size)
             return existing
         source = await self.source_for(digest, origin)
+        ranges = True
         if size is None:
             info = await source.probe()
             if info.size is None:
                 raise UsageError(f"{source.description}: origin announces no size")
-            size = info.size
+            size, ranges = info.size, info.accepts_ranges
         for attempt in range(2):
             task = await self._open_task(digest, size)
             if task is None:  # completed by someone else meanwhile
                 path = self.store.blob_path(digest)
                 assert path is not None
+                job.plan = PiecePlan(path.stat().st_size, self.config.piece_size)
                 return path
             job.task, job.plan, job.attempt = task, task.plan, attempt
             self._tasks[digest] = task
             try:
-                link = self.link if attempt == 0 else None
+                # The swarm leases byte ranges of the origin: without Range support the
+                # node fetches the blob as one stream, alone.
+                link = self.link if attempt == 0 and ranges else None
                 path, stats = await swarm_download(
                     task,
                     source,
@@ -250,6 +261,7 @@ class Node:
                     concurrency=self.config.concurrency,
                     piece_timeout=self.config.piece_timeout,
                     progress=job.notify,
+                    accepts_ranges=ranges,
                 )
                 job.stats = stats
                 self.stats[digest] = stats
@@ -262,7 +274,10 @@ class Node:
                 continue
             finally:
                 self._tasks.pop(digest, None)
-                task.close()
+                # close() waits for a re-verification pass that may be running: not on
+                # the event loop.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(task.close)
         raise AssertionError("unreachable")
 
     async def _open_task(self, digest: Digest, size: int) -> Task | None:

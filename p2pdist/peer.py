@@ -16,6 +16,7 @@ them, so a parent can neither corrupt nor inflate what it sends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -90,8 +91,9 @@ class CompressionCache:
     """Compressed pieces, or the verdict that a piece does not compress, for the pieces
     most recently asked for: a piece usually goes to several children in a row."""
 
-    def __init__(self, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, max_bytes: int = 64 << 20, max_items: int = 4096) -> None:
         self._max = max_bytes
+        self._max_items = max_items
         self._used = 0
         self._items: OrderedDict[tuple[str, int, int], bytes | None] = OrderedDict()
         self._lock = threading.Lock()
@@ -115,7 +117,7 @@ class CompressionCache:
         with self._lock:
             self._items[key] = result
             self._used += len(result) if result else 0
-            while self._used > self._max and self._items:
+            while (self._used > self._max or len(self._items) > self._max_items) and self._items:
                 _, old = self._items.popitem(last=False)
                 self._used -= len(old) if old else 0
         return result
@@ -135,9 +137,17 @@ def compress_if_worth_it(data: bytes) -> bytes | None:
 
 
 def decompress_piece(frame: bytes, length: int) -> bytes:
-    """Decompress a zstd piece, refusing to produce more than ``length`` bytes."""
+    """Decompress a zstd piece, refusing to produce more than ``length`` bytes.
+
+    ``max_output_size`` is ignored by zstandard when the frame declares its content size,
+    so a frame declaring more than ``length`` is refused before decompressing, and the
+    output is read through a bounded stream reader (never more than ``length + 1``)."""
     try:
-        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=length)
+        declared = zstandard.frame_content_size(frame)
+        if declared not in (-1, length):  # -1: not declared
+            raise PeerError(f"zstd piece declares {declared} bytes, expected {length}")
+        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+            out = reader.read(length + 1)
     except zstandard.ZstdError as exc:
         raise PeerError(f"bad zstd piece: {exc}") from None
     if len(out) != length:
@@ -177,7 +187,7 @@ async def fetch_piece(
                 buf += chunk
                 if len(buf) > limit:
                     raise PeerError(f"parent {parent_addr} sent more than piece {index} holds")
-    except httpx.TransportError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise PeerError(f"parent {parent_addr}: {type(exc).__name__}") from None
     wire = len(buf)
     if encoding == "zstd":
@@ -194,11 +204,8 @@ async def report_bad_piece(
     """Tell a parent that a piece it sent failed its sha256, so it re-verifies what it
     holds.  Best effort: errors are ignored."""
     url = f"http://{parent_addr}{PIECE_PATH.format(digest=digest, index=index)}?report=bad"
-    try:
-        with trio.move_on_after(5):
-            await client.post(url)
-    except httpx.HTTPError:
-        pass
+    with contextlib.suppress(httpx.HTTPError, httpx.InvalidURL), trio.move_on_after(5):
+        await client.post(url)
 
 
 def read_location(loc: PieceLocation) -> bytes:

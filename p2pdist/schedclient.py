@@ -38,7 +38,7 @@ from scheduler import (
 from scheduler._codec import decode_answer, encode
 
 from .digest import Digest
-from .errors import NetworkError
+from .errors import NetworkError, P2PDistError
 from .swarm import FailureReason
 
 __all__ = ["SchedulerClient"]
@@ -90,7 +90,7 @@ class SchedulerClient:
             try:
                 with trio.fail_after(self.timeout):
                     resp = await self.http.post(f"{url}/api/v1/events", json=body)
-            except (httpx.TransportError, trio.TooSlowError) as exc:
+            except (httpx.HTTPError, trio.TooSlowError) as exc:
                 last = exc
                 continue
             if resp.status_code >= 500:
@@ -131,9 +131,9 @@ class SchedulerClient:
             answer = await self._post(self.host)
             if not isinstance(answer, Ack):
                 raise NetworkError(f"scheduler refused registration: {answer}")
-            self._registered = True
             for ann in await self.announcements():
                 await self._post(ann)
+            self._registered = True
 
     async def _reannounce_task(self, digest: str) -> None:
         for ann in await self.announcements():
@@ -150,8 +150,9 @@ class SchedulerClient:
         while True:
             try:
                 await self.call(Heartbeat(self.host_id, load()))
-            except NetworkError as exc:
-                log.info("heartbeat: %s", exc)
+            except (P2PDistError, httpx.HTTPError) as exc:
+                # Never let the heartbeat take the daemon down: try again next time.
+                log.warning("heartbeat: %s", exc)
             await trio.sleep(interval)
 
     async def leave(self) -> None:

@@ -84,7 +84,7 @@ import threading
 import uuid
 import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
@@ -883,6 +883,28 @@ class Task:
             self._release_busy()
 
     # -- verification on demand ----------------------------------------------------------
+
+    def drop_pieces(self, indices: Iterable[int]) -> list[int]:
+        """Un-verify these pieces (durably, with tombstones): they will be refetched and
+        are no longer readable or served.  Returns the ones that were verified."""
+        dropped: list[int] = []
+        with self._hash_lock:
+            with self._lock:
+                self._check_open()
+                for i in sorted(set(indices)):
+                    if not 0 <= i < self.plan.count or self._hashes[i] is None:
+                        continue
+                    if i in self._writing:
+                        continue
+                    self._append_record(i, _TOMBSTONE)
+                    self._hashes[i] = None
+                    self._verified_count -= 1
+                    self._verified_bytes -= self.plan.length(i)
+                    dropped.append(i)
+            if dropped and min(dropped) < self._hashed:
+                self._hasher = self.digest.hasher()
+                self._hashed = 0
+        return dropped
 
     def verify_pieces(self) -> list[int]:
         """Re-hash every verified piece from disk; tombstone (un-verify) those whose bytes

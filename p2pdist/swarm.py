@@ -158,7 +158,7 @@ class _Swarm:
             # The scheduler's hash list disagrees with what we stored: those pieces must
             # not be served or kept; the whole-blob check settles who was right.
             log.warning("scheduler rejected pieces %s of %s", list(rejected)[:8], self.digest)
-            await trio.to_thread.run_sync(self.task.verify_pieces)
+            await trio.to_thread.run_sync(self.task.drop_pieces, rejected)
 
     async def _reporter(self) -> None:
         """Batches completed pieces: at most one report in flight, sent as soon as the
@@ -308,6 +308,7 @@ async def swarm_download(
     concurrency: int = 8,
     piece_timeout: float = 30.0,
     progress: ProgressFn | None = None,
+    accepts_ranges: bool = True,
 ) -> tuple[Path, SwarmStats]:
     """Complete ``task`` through the swarm (or from ``source`` alone when ``link`` is
     None or the scheduler is unreachable) and commit it.  Returns the blob's path."""
@@ -339,7 +340,9 @@ async def swarm_download(
             stats.fallback = True
             link = None
     try:
-        path, dstats = await _finish_from_source(task, source, concurrency, progress)
+        path, dstats = await _finish_from_source(
+            task, source, concurrency, progress, accepts_ranges
+        )
     except DigestMismatch:
         if link is None:
             raise
@@ -358,10 +361,14 @@ async def swarm_download(
 
 
 async def _finish_from_source(
-    task: Task, source: Source, concurrency: int, progress: ProgressFn | None
+    task: Task,
+    source: Source,
+    concurrency: int,
+    progress: ProgressFn | None,
+    accepts_ranges: bool,
 ) -> tuple[Path, DownloadStats]:
     """Fetch whatever is still missing from the registry, then commit (whole-blob check)."""
-    info = SourceInfo(task.plan.size, True)
+    info = SourceInfo(task.plan.size, accepts_ranges)
     return await download(source, task, info=info, concurrency=concurrency, progress=progress)
 
 

@@ -102,6 +102,13 @@ from ._state import Host, PeerTask, Task
 
 __all__ = ["Scheduler"]
 
+#: Smallest piece size and most pieces a task may have (the node uses 64 KiB..1 GiB pieces
+#: and at most ~1,000 per blob; this leaves room without letting one event allocate GBs).
+MIN_PIECE_SIZE = 16 * 1024
+MAX_TASK_PIECES = 100_000
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+_ADDR = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}")
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _LEASE = 0
 _INFLIGHT = 1
@@ -226,6 +233,8 @@ class Scheduler:
     def _register(self, ev: RegisterHost, now: float) -> Answer:
         if not ev.host_id or ev.upload_slots < 0:
             return Rejected("invalid", "host_id must be non-empty and upload_slots >= 0")
+        if not _ADDR.fullmatch(ev.addr):
+            return Rejected("invalid", "addr must be HOST:PORT")
         host = self._hosts.get(ev.host_id)
         if host is None:
             host = Host(
@@ -274,8 +283,13 @@ class Scheduler:
     # --- tasks ---------------------------------------------------------------------
 
     def _start(self, host: Host, ev: StartTask | Announce, now: float) -> Answer:
-        if ev.size < 0 or ev.piece_size < 1 or not ev.digest:
-            return Rejected("invalid", "need a digest, size >= 0 and piece_size >= 1")
+        if not _DIGEST.fullmatch(ev.digest):
+            return Rejected("invalid", "digest must be sha256:<64 hex> or sha512:<128 hex>")
+        if ev.size < 0 or ev.piece_size < MIN_PIECE_SIZE:
+            return Rejected("invalid", f"need size >= 0 and piece_size >= {MIN_PIECE_SIZE}")
+        if -(-ev.size // ev.piece_size) > MAX_TASK_PIECES:
+            # A task's state is O(pieces): one event must not be able to make it huge.
+            return Rejected("invalid", f"more than {MAX_TASK_PIECES} pieces")
         task = self._tasks.get(ev.digest)
         if task is None:
             count = -(-ev.size // ev.piece_size)

@@ -195,7 +195,12 @@ def simulate(cfg: SimConfig, sched_config: SchedulerConfig | None = None) -> Sim
             continue
         if kind == _START:
             n.started = True
-            call(RegisterHost(n.hid, f"10.0.0.{ni}", zone=n.zone, upload_slots=cfg.upload_slots), t)
+            call(
+                RegisterHost(
+                    n.hid, f"node{ni}.sim:65002", zone=n.zone, upload_slots=cfg.upload_slots
+                ),
+                t,
+            )
             call(StartTask(n.hid, digest, cfg.blob_size, cfg.piece_size), t)
             if cfg.heartbeat_interval is not None:
                 push(t + cfg.heartbeat_interval, _HEARTBEAT, ni)

@@ -17,7 +17,7 @@ from bench.localregistry import LocalRegistry
 from p2pdist.config import NodeConfig
 from p2pdist.daemon import DaemonInfo, open_daemon
 from p2pdist.digest import Digest
-from p2pdist.peer import compress_if_worth_it, decompress_piece, fetch_piece
+from p2pdist.peer import PeerError, compress_if_worth_it, decompress_piece, fetch_piece
 from p2pdist.pieces import PiecePlan
 from p2pdist.store import PieceStore
 
@@ -115,6 +115,21 @@ def test_zstd_decompression_is_bounded() -> None:
         decompress_piece(b"not zstd at all", 10)
     assert compress_if_worth_it(os.urandom(100_000)) is None
     assert zstandard.ZstdDecompressor().decompress(frame) == data
+
+
+def test_zstd_bomb_is_refused_without_inflating() -> None:
+    piece = 4 << 20
+    # 64 MiB of zeros in a few KiB, with the size declared in the frame header ...
+    declared = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
+    assert len(declared) < 64 * 1024
+    with pytest.raises(PeerError, match="declares"):
+        decompress_piece(declared, piece)
+    # ... and without it (a streamed frame): the reader stops at piece + 1 bytes.
+    cobj = zstandard.ZstdCompressor().compressobj()
+    streamed = cobj.compress(b"\0" * (64 << 20)) + cobj.flush()
+    assert zstandard.frame_content_size(streamed) == -1
+    with pytest.raises(PeerError, match="expected"):
+        decompress_piece(streamed, piece)
 
 
 async def test_local_api_streams_a_registry_blob(

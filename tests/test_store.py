@@ -775,3 +775,22 @@ def test_durable_mode_round_trip(tmp_path: Path) -> None:
         assert task.missing() == [1, 3]
         write_all(task, data, [3, 1])
         assert task.commit().read_bytes() == data
+
+
+def test_drop_pieces_unverifies_durably(tmp_path: Path) -> None:
+    data = os.urandom(4 * 65536)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    store = PieceStore(tmp_path)
+    task = store.open_task(digest, len(data), 65536)
+    for i in range(4):
+        task.write_piece(i, data[i * 65536 : (i + 1) * 65536])
+    assert task.drop_pieces([1, 3, 99]) == [1, 3]
+    assert task.missing() == [1, 3]
+    with pytest.raises(StoreError):
+        task.read_piece(1)
+    task.close()
+    task = store.open_task(digest, len(data), 65536)  # the tombstones survive a reopen
+    assert task.missing() == [1, 3]
+    for i in (1, 3):
+        task.write_piece(i, data[i * 65536 : (i + 1) * 65536])
+    assert task.commit().read_bytes() == data
