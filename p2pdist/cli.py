@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
 from . import __version__
 from .config import load_node_config
 from .digest import Digest
-from .errors import EXIT_NETWORK, EXIT_USAGE, P2PDistError, UsageError
+from .errors import EXIT_NETWORK, EXIT_USAGE, P2PDistError, UsageError, collapse_groups
 
 __all__ = ["main"]
 
@@ -193,7 +195,37 @@ def _run_get(args: argparse.Namespace) -> None:
         quiet=args.quiet,
         daemon=args.daemon or None,
     )
-    trio.run(run_get, request, config)
+    _run_interruptibly(run_get, request, config)
+
+
+def _run_interruptibly(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """``trio.run(fn, *args)``, where Ctrl-C cancels everything promptly (also tasks
+    waiting in a nursery, which trio's own KeyboardInterrupt delivery can only reach at the
+    main task's next checkpoint) and then raises KeyboardInterrupt."""
+    interrupted = False
+
+    async def main() -> None:
+        nonlocal interrupted
+        with (
+            trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+            collapse_groups(),
+        ):
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal interrupted
+                    async for _ in signals:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                await fn(*args)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _logging(level: str) -> None:

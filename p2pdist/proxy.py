@@ -129,7 +129,7 @@ async def stream_job(
     node: Node, job: Job, size: int, start: int = 0, end: int | None = None
 ) -> AsyncIterator[bytes]:
     """Bytes ``[start, end)`` of the job's blob in order, each as soon as its piece is
-    verified; the blob's final byte only after the whole blob matched its digest.  If the
+    verified; the range's final byte only after the whole blob matched its digest.  If the
     download fails the stream stops short (HTTPError), so the client sees a truncated body
     (or, before the first byte, an error status)."""
     stop = size if end is None else end
@@ -143,9 +143,9 @@ async def stream_job(
         changed = job.changed
         ready = job.verified_prefix()
         if job.path is None or job.error is not None:
-            # The last byte waits for the whole-blob digest check: a client never
-            # gets a complete body for a blob that then fails it.
-            ready = min(ready, size - 1)
+            # The last byte asked for waits for the whole-blob digest check: a client
+            # never gets a complete body (or range) of a blob that then fails it.
+            ready = min(ready, stop - 1)
         if ready > sent:
             upto = min(ready, stop, sent + STREAM_CHUNK)
             chunk = await trio.to_thread.run_sync(_read_job, node, job, sent, upto)
