@@ -291,9 +291,14 @@ async def test_corrupt_upstream_never_reaches_the_client(
             assert len(got) < len(data)  # truncated: never a complete body
             assert info.node.store.blob_path(Digest.parse(digest)) is None
             assert not (tmp_path / "data" / "blobs" / "sha256" / digest[7:]).exists()
-            # nor a later request
-            r = await c.get(f"/v2/proxy/corrupt/blobs/{digest}", headers={"Range": "bytes=0-9"})
-            assert r.status_code != 200 or len(r.content) != len(data)
+            # nor a later request, even for a range: its last byte waits for the whole-blob
+            # check, which fails, so the range is cut short (or refused).
+            try:
+                r = await c.get(f"/v2/proxy/corrupt/blobs/{digest}", headers={"Range": "bytes=0-9"})
+            except httpx.HTTPError:
+                pass
+            else:
+                assert r.status_code not in (200, 206) or len(r.content) < 10
 
 
 async def test_cached_manifests_served_when_upstream_is_down(
