@@ -625,10 +625,11 @@ def test_killed_get_resumes_from_verified_pieces(
             if r.method == "GET" and big_blob.digest in r.path
         ]
     fetched = requested_bytes(second, size)
-    # One worker's whole 8 MiB span had been received before the kill (a piece or so may
-    # still have been on its way to disk), plus part of the other's: 11-13 MiB are reused
-    # here.  The second run must not fetch at least 7 MiB of them again.
-    assert 0 < fetched <= size - 7 * MIB, f"second run fetched {fetched} of {size} bytes"
+    # One worker's whole 8 MiB span had been received before the kill (the 3rd GET is its
+    # next span).  At most concurrency + 2 = 4 received pieces wait for (or are in) a
+    # writer thread at any moment, so at least 4 MiB of that span were verified and on
+    # disk: the second run must not fetch them again (typically 6-13 MiB are reused).
+    assert 0 < fetched <= size - 4 * MIB, f"second run fetched {fetched} of {size} bytes"
     assert all("range" in r.headers for r in second)
 
 
