@@ -110,10 +110,14 @@ class _Daemon:
             raise HTTPError(404, f"piece {index} of {digest} is not verified here")
         if not self._acquire_slot():
             raise HTTPError(503, "all upload slots are busy", headers=[("Retry-After", "1")])
+        handed_over = False
         try:
             headers = [("Content-Type", "application/octet-stream")]
             if "zstd" in (request.headers.get("accept-encoding") or "").lower():
-                key = (str(digest), piece_size, index)
+                # Keyed by the piece's recorded sha256 too: a piece refetched after a
+                # re-verification or a poisoned attempt never reuses a stale frame.
+                piece_sha = self.node.piece_hash(digest, index, piece_size) or ""
+                key = (f"{digest}/{piece_sha}", piece_size, index)
                 frame = await trio.to_thread.run_sync(
                     self.zstd.get_or_compress,
                     key,
@@ -126,10 +130,14 @@ class _Daemon:
             fd, loc = self._open_piece(digest, index, piece_size)
             self.info.uploaded += loc.length
             # The server owns (and closes) the fd: the bytes stay readable even if the
-            # task is committed (its data file renamed) while they are being sent.
-            return Response(200, headers, FileBody(fd=fd, offset=loc.offset, length=loc.length))
+            # task is committed (its data file renamed) while they are being sent.  The
+            # upload slot is held until the server is done sending them.
+            body = FileBody(fd=fd, offset=loc.offset, length=loc.length, on_done=self.slots.release)
+            handed_over = True
+            return Response(200, headers, body)
         finally:
-            self.slots.release()
+            if not handed_over:
+                self.slots.release()
 
     async def _blob(self, request: Request) -> Response:
         """``GET /peer/v1/blobs/<digest>`` with ``Range``: a complete, verified blob (or a

@@ -340,6 +340,9 @@ class FileBody:
     offset: int = 0
     length: int | None = None
     fd: int | None = field(default=None, kw_only=True)
+    on_done: Callable[[], None] | None = field(default=None, kw_only=True, compare=False)
+    """Called exactly once when the server is finished with the body (sent, abandoned, or
+    never needed, as for HEAD): e.g. to release an upload slot only after the bytes went."""
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.fd is None):
@@ -690,8 +693,12 @@ class _Prepared:
     length: int = 0
     stream: AsyncIterator[bytes] | None = None
     first: bytes | None = None
+    on_done: Callable[[], None] | None = None
 
     async def release(self) -> None:
+        if self.on_done is not None:
+            done, self.on_done = self.on_done, None
+            done()
         if self.fd is not None and self.close_fd:
             fd, self.fd = self.fd, None
             os.close(fd)
@@ -896,6 +903,7 @@ class _Connection:
         prepared = _Prepared(_NO_EVENT, response.status)
         body = response.body
         if isinstance(body, FileBody):
+            prepared.on_done = body.on_done
             if body.fd is not None:
                 prepared.fd, prepared.close_fd = body.fd, True
         elif not isinstance(body, bytes | bytearray | memoryview):

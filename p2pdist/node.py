@@ -180,6 +180,17 @@ class Node:
     def open_tasks(self) -> dict[Digest, Task]:
         return {d: t for d, t in self._tasks.items() if not t.closed}
 
+    def piece_hash(self, digest: Digest, index: int, piece_size: int) -> str | None:
+        """The recorded sha256 of a verified piece (what identifies its content)."""
+        task = self._tasks.get(digest)
+        if task is not None and not task.closed and task.plan.piece_size == piece_size:
+            hashes = task.piece_hashes()
+            return hashes[index] if 0 <= index < len(hashes) else None
+        recorded = self.store.blob_piece_hashes(digest)
+        if recorded is not None and recorded[0] == piece_size and 0 <= index < len(recorded[1]):
+            return recorded[1][index]
+        return None
+
     def blob_size(self, digest: Digest) -> int | None:
         task = self._tasks.get(digest)
         if task is not None and not task.closed:

@@ -101,7 +101,7 @@ class CompressionCache:
 
     def forget(self, digest: str) -> None:
         with self._lock:
-            for key in [k for k in self._items if k[0] == digest]:
+            for key in [k for k in self._items if k[0].split("/")[0] == digest]:
                 old = self._items.pop(key)
                 self._used -= len(old) if old else 0
 

@@ -779,3 +779,35 @@ def test_config_validation() -> None:
         FileBody()
     with pytest.raises(ValueError):
         FileBody("x", fd=3)
+
+
+async def test_filebody_on_done_runs_once_after_the_body(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(1 << 20))
+    done: list[str] = []
+    third = trio.Event()
+
+    def on_done() -> None:
+        done.append("x")
+        if len(done) == 3:
+            third.set()
+
+    async def handler(request: Request) -> Response:
+        fd = os.open(path, os.O_RDONLY)
+        return Response(200, [], FileBody(fd=fd, offset=0, length=1 << 20, on_done=on_done))
+
+    async with running(handler) as info, client(info) as c:
+        r = await c.get("/")
+        assert len(r.content) == 1 << 20
+        assert done == ["x"]
+        r = await c.head("/")
+        assert r.headers["content-length"] == str(1 << 20)
+        assert done == ["x", "x"]
+        # a client that goes away mid-body: still exactly once
+        async with c.stream("GET", "/") as resp:
+            async for _ in resp.aiter_raw():
+                break
+        with trio.fail_after(5):
+            await third.wait()
+        await trio.sleep(0.1)
+        assert done == ["x", "x", "x"]
