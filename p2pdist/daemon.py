@@ -106,6 +106,7 @@ class _Daemon:
             raise HTTPError(400, "piece_size query parameter required") from None
         if not 1 <= piece_size <= 1 << 30:
             raise HTTPError(400, "piece_size out of range")
+        await self._check_seal(digest)
         if self.node.piece_location(digest, index, piece_size) is None:
             raise HTTPError(404, f"piece {index} of {digest} is not verified here")
         if not self._acquire_slot():
@@ -151,6 +152,7 @@ class _Daemon:
             digest = Digest.parse(request.path[len(prefix) :])
         except InvalidDigest as exc:
             raise HTTPError(400, str(exc)) from None
+        await self._check_seal(digest)
         path = self.node.store.blob_path(digest)
         if path is None:
             raise HTTPError(404, f"blob {digest} is not complete here", code="BLOB_UNKNOWN")
@@ -171,6 +173,17 @@ class _Daemon:
         start, end = rng
         headers.append(("Content-Range", content_range(start, end, size)))
         return Response(206, headers, FileBody(fd=fd, offset=start, length=end - start))
+
+    async def _check_seal(self, digest: Digest) -> None:
+        """A complete blob whose bytes may have changed since they were verified (written
+        through an exported hard link) is re-hashed before we serve any of it, and
+        dropped if it no longer matches (cheap when the seal holds: a stat and an xattr)."""
+        if self.node.store.blob_path(digest) is None:
+            return
+        if await trio.to_thread.run_sync(self.node.store.checked_blob_path, digest) is None:
+            log.warning("blob %s changed on disk since it was verified: removed it", digest)
+            self.zstd.forget(str(digest))
+            await self.node.forget_blob(digest)
 
     def _open_piece(self, digest: Digest, index: int, piece_size: int) -> tuple[int, PieceLocation]:
         """An open fd on the file holding a verified piece.  A partial task's data file is
@@ -372,6 +385,7 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
     async with trio.open_nursery() as nursery:
         # The node needs the link, the link needs the advertised address (after binding).
         peer_listeners = await trio.open_tcp_listeners(peer_port, host=peer_host)
+        nursery.start_soon(_close_listeners_on_exit, peer_listeners)
         bound_port = peer_listeners[0].socket.getsockname()[1]
         advertise = config.advertise or ("" if peer_host in ("0.0.0.0", "::") else peer_host)
         if not advertise:
@@ -458,6 +472,17 @@ async def _proxy_listeners(listen: str) -> list[trio.SocketListener]:
             raise
         log.warning("registry proxy off: %s is in use (set --proxy-listen)", listen)
         return []
+
+
+async def _close_listeners_on_exit(listeners: list[trio.SocketListener]) -> None:
+    """Own the peer listeners from the moment they are bound: closed however the daemon
+    stops (also when its start-up fails after binding)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await listener.aclose()
 
 
 async def _close_on_cancel(
