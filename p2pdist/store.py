@@ -288,18 +288,22 @@ class PieceStore:
         sealed = _sealed_mtime(path)
         if sealed == st.st_mtime_ns or (sealed is None and st.st_nlink <= 1):
             return path
-        h = digest.hasher()
-        with _mapped("read", path), open(path, "rb") as f:
-            while block := f.read(4 << 20):
-                h.update(block)
-        if h.hexdigest() == digest.hex:
-            with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _seal(fd)
-                finally:
-                    os.close(fd)
-            return path
+        for _ in range(2):
+            h = digest.hasher()
+            with _mapped("read", path), open(path, "rb") as f:
+                before = os.fstat(f.fileno()).st_mtime_ns
+                while block := f.read(4 << 20):
+                    h.update(block)
+                after = os.fstat(f.fileno()).st_mtime_ns
+                if h.hexdigest() != digest.hex:
+                    break
+                if before == after:
+                    # Seal the mtime the hashed bytes had: a write during the hash
+                    # changes it, and the next check hashes again.
+                    _seal(f.fileno(), after)
+                    return path
+            # Written to while we hashed: what we read proves nothing; look again.
+        # Corrupt, or still being written by someone else: not trustworthy either way.
         with _mapped("remove corrupt blob", path):
             path.unlink(missing_ok=True)
             _pieces_file(path).unlink(missing_ok=True)
@@ -1078,12 +1082,13 @@ def _copy_file(src: Path, dest: Path) -> None:
 _SEAL = "user.p2pdist.mtime"
 
 
-def _seal(fd: int) -> None:
+def _seal(fd: int, mtime_ns: int | None = None) -> None:
     """Record a verified blob's modification time in an xattr: any later write to the
     bytes (through an exported hard link) changes the mtime and breaks the seal.  On a
     filesystem without user xattrs nothing is recorded, and exports are copies."""
     with contextlib.suppress(OSError):
-        os.setxattr(fd, _SEAL, str(os.fstat(fd).st_mtime_ns).encode())
+        mtime = os.fstat(fd).st_mtime_ns if mtime_ns is None else mtime_ns
+        os.setxattr(fd, _SEAL, str(mtime).encode())
 
 
 def _sealed_mtime(path: Path) -> int | None:
