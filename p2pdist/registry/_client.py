@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -35,6 +35,7 @@ from ._auth import (
     parse_www_authenticate,
     resolve_credentials,
 )
+from ._fastrange import FastPathUnavailable, FastRangeReader
 from ._http import (
     error_code,
     make_http_client,
@@ -282,9 +283,14 @@ class RegistryClient:
             max_connections=max_connections,
             transport=transport,
         )
-        self._auth = _RegistryAuth(
-            self._http, config, resolve_credentials(config, docker_config), self._retry
-        )
+        credentials = resolve_credentials(config, docker_config)
+        self._auth = _RegistryAuth(self._http, config, credentials, self._retry)
+        # The lean body path: plain http, no credentials, no injected transport (tests that
+        # inject one exercise the general path).  Disabled for good on a 401/3xx.
+        self._fast: FastRangeReader | None = None
+        url = httpx.URL(self._base)
+        if url.scheme == "http" and credentials.empty and transport is None:
+            self._fast = FastRangeReader(url.host, url.port or 80)
 
     def __repr__(self) -> str:
         return f"<RegistryClient {self._base}>"
@@ -319,6 +325,8 @@ class RegistryClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._fast is not None:
+            await self._fast.aclose()
         await self._http.aclose()
 
     # -- plumbing ------------------------------------------------------------------------
@@ -575,6 +583,31 @@ class RegistryBlobSource:
         return SourceInfo(size, ranges != "none")
 
     def open_range(
+        self, start: int, end: int | None
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._open_range(start, end)
+
+    @asynccontextmanager
+    async def _open_range(self, start: int, end: int | None) -> AsyncIterator[AsyncIterator[bytes]]:
+        c = self._client
+        stop = self._size if end is None else end
+        fast = c._fast
+        if fast is not None and stop is not None and start < stop:
+            try:
+                async with fast.open(self._path, start, stop, host_header=c.host) as chunks:
+                    yield chunks
+                return
+            except FastPathUnavailable as exc:
+                if exc.status is not None and exc.status != 429 and exc.status < 500:
+                    # An answer the lean path cannot use (auth, a redirect, no ranges...):
+                    # it would cost every request twice, so the general path takes over
+                    # for this registry.  5xx/429 are transient: retried there, once.
+                    c._fast = None
+                    await fast.aclose()
+        async with self._open_general(start, end) as body:
+            yield body
+
+    def _open_general(
         self, start: int, end: int | None
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         c = self._client
