@@ -46,8 +46,7 @@ from .httpserver import (
     Request,
     Response,
     ServerConfig,
-    content_range,
-    parse_range,
+    file_response,
     serve_http,
     serve_http_listeners,
 )
@@ -156,23 +155,17 @@ class _Daemon:
         path = self.node.store.blob_path(digest)
         if path is None:
             raise HTTPError(404, f"blob {digest} is not complete here", code="BLOB_UNKNOWN")
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            size = os.fstat(fd).st_size
-            rng = parse_range(request.headers.get("range"), size)
-        except BaseException:
-            os.close(fd)
-            raise
         headers = [
             ("Content-Type", "application/octet-stream"),
             ("Docker-Content-Digest", str(digest)),
             ("Accept-Ranges", "bytes"),
         ]
-        if rng is None:
-            return Response(200, headers, FileBody(fd=fd, offset=0, length=size))
-        start, end = rng
-        headers.append(("Content-Range", content_range(start, end, size)))
-        return Response(206, headers, FileBody(fd=fd, offset=start, length=end - start))
+        try:
+            return file_response(path, request.headers.get("range"), headers)
+        except FileNotFoundError:
+            raise HTTPError(
+                404, f"blob {digest} is not complete here", code="BLOB_UNKNOWN"
+            ) from None
 
     async def _check_seal(self, digest: Digest) -> None:
         """A complete blob whose bytes may have changed since they were verified (written

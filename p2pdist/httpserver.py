@@ -354,6 +354,29 @@ class FileBody:
 Body = bytes | AsyncIterable[bytes] | FileBody
 
 
+def file_response(
+    path: str | os.PathLike[str], range_header: str | None, headers: Iterable[tuple[str, str]]
+) -> Response:
+    """A whole file (200) or the byte range a ``Range`` header asks for (206), zero-copy.
+
+    The file is opened here, so a later rename or unlink of ``path`` cannot change what is
+    sent.  ``FileNotFoundError`` propagates (the caller decides what "gone" means);
+    an unsatisfiable range raises :class:`RangeNotSatisfiable`."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        rng = parse_range(range_header, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    out = list(headers)
+    if rng is None:
+        return Response(200, out, FileBody(fd=fd, offset=0, length=size))
+    start, end = rng
+    out.append(("Content-Range", content_range(start, end, size)))
+    return Response(206, out, FileBody(fd=fd, offset=start, length=end - start))
+
+
 @dataclass(slots=True)
 class Response:
     """What a handler returns.  ``Content-Length`` is added for ``bytes`` and

@@ -191,13 +191,6 @@ class Node:
             return recorded[1][index]
         return None
 
-    def blob_size(self, digest: Digest) -> int | None:
-        task = self._tasks.get(digest)
-        if task is not None and not task.closed:
-            return task.plan.size
-        path = self.store.blob_path(digest)
-        return path.stat().st_size if path is not None else None
-
     # -- downloads --------------------------------------------------------------------------
 
     def job(self, digest: Digest) -> Job | None:
@@ -211,16 +204,6 @@ class Node:
             self._jobs[digest] = job
             self.nursery.start_soon(self._run, job, origin, size)
         return job
-
-    async def ensure_blob(
-        self, digest: Digest, origin: BlobOrigin, *, size: int | None = None
-    ) -> Path:
-        job = self.fetch(digest, origin, size=size)
-        await job.done.wait()
-        if job.error is not None:
-            raise job.error
-        assert job.path is not None
-        return job.path
 
     async def _run(self, job: Job, origin: BlobOrigin, size: int | None) -> None:
         try:

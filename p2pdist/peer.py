@@ -17,7 +17,6 @@ them, so a parent can neither corrupt nor inflate what it sends.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import trio
 import zstandard
 
 from .digest import Digest
-from .errors import NetworkError, P2PDistError
+from .errors import NetworkError
 from .pieces import PiecePlan
 
 __all__ = [
@@ -42,7 +41,6 @@ __all__ = [
     "fetch_piece",
     "parse_piece_path",
     "piece_url",
-    "read_location",
     "report_bad_piece",
 ]
 
@@ -97,7 +95,6 @@ class CompressionCache:
         self._used = 0
         self._items: OrderedDict[tuple[str, int, int], bytes | None] = OrderedDict()
         self._lock = threading.Lock()
-        self.saved_bytes = 0
 
     def forget(self, digest: str) -> None:
         with self._lock:
@@ -206,20 +203,3 @@ async def report_bad_piece(
     url = f"http://{parent_addr}{PIECE_PATH.format(digest=digest, index=index)}?report=bad"
     with contextlib.suppress(httpx.HTTPError, httpx.InvalidURL), trio.move_on_after(5):
         await client.post(url)
-
-
-def read_location(loc: PieceLocation) -> bytes:
-    """Read a piece's bytes (blocking)."""
-    fd = os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        out = bytearray(loc.length)
-        view = memoryview(out)
-        pos = 0
-        while pos < loc.length:
-            n = os.preadv(fd, [view[pos:]], loc.offset + pos)
-            if n == 0:
-                raise P2PDistError(f"{loc.path} is shorter than expected")
-            pos += n
-        return bytes(out)
-    finally:
-        os.close(fd)

@@ -67,7 +67,14 @@ import trio
 from .config import NodeConfig, RegistryConfig
 from .digest import Digest, sha256_digest
 from .errors import InvalidDigest, ManifestInvalid, NetworkError, UpstreamError
-from .httpserver import FileBody, HTTPError, Request, Response, content_range, parse_range
+from .httpserver import (
+    HTTPError,
+    Request,
+    Response,
+    content_range,
+    file_response,
+    parse_range,
+)
 from .node import BlobOrigin, Job, Node
 from .reference import DOCKER_HUB, DOCKER_HUB_API, is_valid_repository, is_valid_tag
 from .registry import (
@@ -719,20 +726,9 @@ class RegistryProxy:
         if path is None:
             return None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return file_response(path, request.headers.get("range"), headers)
         except FileNotFoundError:
             return None
-        try:
-            size = os.fstat(fd).st_size
-            rng = parse_range(request.headers.get("range"), size)
-        except BaseException:
-            os.close(fd)
-            raise
-        if rng is None:
-            return Response(200, headers, FileBody(fd=fd, offset=0, length=size))
-        start, end = rng
-        headers.append(("Content-Range", content_range(start, end, size)))
-        return Response(206, headers, FileBody(fd=fd, offset=start, length=end - start))
 
     async def _blob_size_upstream(self, up: _Upstream, digest: Digest) -> int:
         response = await self._open(

@@ -87,7 +87,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, BinaryIO, Self, cast
 
 from .digest import Digest
 from .errors import (
@@ -289,13 +289,11 @@ class PieceStore:
         if sealed == st.st_mtime_ns or (sealed is None and st.st_nlink <= 1):
             return path
         for _ in range(2):
-            h = digest.hasher()
             with _mapped("read", path), open(path, "rb") as f:
                 before = os.fstat(f.fileno()).st_mtime_ns
-                while block := f.read(4 << 20):
-                    h.update(block)
+                matches = _file_matches(f, digest)
                 after = os.fstat(f.fileno()).st_mtime_ns
-                if h.hexdigest() != digest.hex:
+                if not matches:
                     break
                 if before == after:
                     # Seal the mtime the hashed bytes had: a write during the hash
@@ -315,11 +313,9 @@ class PieceStore:
         path = self._blob_file(digest)
         if not path.is_file():
             return None
-        h = digest.hasher()
         with _mapped("read", path), open(path, "rb") as f:
-            while block := f.read(4 << 20):
-                h.update(block)
-        if h.hexdigest() == digest.hex:
+            matches = _file_matches(f, digest)
+        if matches:
             return True
         with _mapped("remove corrupt blob", path):
             path.unlink(missing_ok=True)
@@ -1096,6 +1092,14 @@ def _sealed_mtime(path: Path) -> int | None:
         return int(os.getxattr(path, _SEAL))
     except (OSError, ValueError):
         return None
+
+
+def _file_matches(f: BinaryIO, digest: Digest) -> bool:
+    """Whether the rest of ``f`` hashes to ``digest`` (read in 4 MiB blocks)."""
+    h = digest.hasher()
+    while block := f.read(4 << 20):
+        h.update(block)
+    return h.hexdigest() == digest.hex
 
 
 def _pieces_file(blob: Path) -> Path:
