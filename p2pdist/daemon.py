@@ -280,7 +280,7 @@ class _Daemon:
         out: list[Announce] = []
         blobs = await trio.to_thread.run_sync(self.node.store.list_blobs)
         for digest, size in blobs:
-            recorded = self.node.store.blob_piece_hashes(digest)
+            recorded = self.node.blob_piece_hashes(digest)
             if recorded is not None:
                 piece_size, hashes = recorded[0], dict(enumerate(recorded[1]))
             else:

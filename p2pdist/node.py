@@ -104,6 +104,7 @@ class Node:
         self.peers = peers
         self.nursery = nursery
         self._jobs: dict[Digest, Job] = {}
+        self._piece_hashes: dict[Digest, tuple[int, list[str]]] = {}
         self.stats: dict[Digest, SwarmStats] = {}
         """Where the bytes of each blob downloaded by this node came from."""
         self._tasks: dict[Digest, Task] = {}
@@ -156,7 +157,7 @@ class Node:
             return None
         size = path.stat().st_size
         # Only the blob's own piece plan: a peer must not choose how much we read at once.
-        recorded = self.store.blob_piece_hashes(digest)
+        recorded = self.blob_piece_hashes(digest)
         allowed = {piece_size_for(size, self.config.piece_size)}
         if recorded is not None:
             allowed.add(recorded[0])
@@ -180,13 +181,26 @@ class Node:
     def open_tasks(self) -> dict[Digest, Task]:
         return {d: t for d, t in self._tasks.items() if not t.closed}
 
+    def blob_piece_hashes(self, digest: Digest) -> tuple[int, list[str]] | None:
+        """The store's recorded piece plan and hashes of a complete blob, remembered: the
+        peer server asks on every piece request.  A digest fixes the bytes, so a
+        remembered answer never goes stale (only absent ones are not remembered)."""
+        cached = self._piece_hashes.get(digest)
+        if cached is None:
+            cached = self.store.blob_piece_hashes(digest)
+            if cached is not None:
+                if len(self._piece_hashes) >= 4096:
+                    self._piece_hashes.pop(next(iter(self._piece_hashes)))
+                self._piece_hashes[digest] = cached
+        return cached
+
     def piece_hash(self, digest: Digest, index: int, piece_size: int) -> str | None:
         """The recorded sha256 of a verified piece (what identifies its content)."""
         task = self._tasks.get(digest)
         if task is not None and not task.closed and task.plan.piece_size == piece_size:
             hashes = task.piece_hashes()
             return hashes[index] if 0 <= index < len(hashes) else None
-        recorded = self.store.blob_piece_hashes(digest)
+        recorded = self.blob_piece_hashes(digest)
         if recorded is not None and recorded[0] == piece_size and 0 <= index < len(recorded[1]):
             return recorded[1][index]
         return None
