@@ -5,6 +5,7 @@ from .digest import Digest, sha256_digest
 from .errors import (
     ConfigError,
     DigestMismatch,
+    DockerError,
     Forbidden,
     InvalidDigest,
     InvalidReference,
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigError",
     "Digest",
     "DigestMismatch",
+    "DockerError",
     "Forbidden",
     "InvalidDigest",
     "InvalidReference",

@@ -95,6 +95,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="local daemon API URL (default $P2PDIST_DAEMON); standalone when unset",
     )
 
+    pull = sub.add_parser(
+        "pull",
+        help="pull an image through the swarm and load it into Docker",
+        description="Resolve IMAGE's manifest (an index to --platform), fetch its config and "
+        "layers in parallel (through the local daemon's swarm with --daemon), verify every "
+        "digest, then load the image into Docker and tag it - or write an OCI image layout "
+        "with --output.",
+    )
+    pull.add_argument("image", help="[REGISTRY/]REPO[:TAG|@DIGEST]")
+    pull.add_argument("--output", help="write an OCI image layout to this directory instead")
+    pull.add_argument("--platform", help="os/arch[/variant] to pick from an index")
+    pull.add_argument(
+        "--docker-host",
+        help="Docker engine (default $DOCKER_HOST, else unix:///var/run/docker.sock)",
+    )
+    pull.add_argument("--insecure", action="store_true", help="skip TLS certificate checks")
+    pull.add_argument("--piece-size", help="piece size, e.g. 4MiB (standalone)")
+    pull.add_argument("--concurrency", type=_positive, help="parallel range requests per blob")
+    pull.add_argument("--data-dir", help="piece store directory (standalone)")
+    pull.add_argument("--config", help="config file (TOML)")
+    pull.add_argument("--no-progress", action="store_true", help="no per-layer progress lines")
+    pull.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    pull.add_argument(
+        "--daemon",
+        default=os.environ.get("P2PDIST_DAEMON"),
+        help="local daemon API URL (default $P2PDIST_DAEMON); standalone when unset",
+    )
+
     daemon = sub.add_parser(
         "daemon",
         help="run the node daemon (peer server, local API, registry proxy, scheduler link)",
@@ -196,6 +224,34 @@ def _run_get(args: argparse.Namespace) -> None:
         daemon=args.daemon or None,
     )
     _run_interruptibly(run_get, request, config)
+
+
+def _run_pull(args: argparse.Namespace) -> None:
+    from .pull import PullRequest, run_pull
+
+    config = load_node_config(
+        args.config,
+        overrides={
+            "data_dir": args.data_dir,
+            "piece_size": args.piece_size,
+            "concurrency": args.concurrency,
+        },
+    )
+    request = PullRequest(
+        image=args.image,
+        output=args.output,
+        platform=args.platform,
+        daemon=args.daemon or None,
+        docker_host=args.docker_host,
+        insecure=args.insecure,
+        progress=not args.no_progress,
+        quiet=args.quiet,
+    )
+
+    async def pull() -> None:
+        await run_pull(request, config)
+
+    _run_interruptibly(pull)
 
 
 def _run_interruptibly(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -322,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "get":
             _run_get(args)
+        elif args.command == "pull":
+            _run_pull(args)
         elif args.command == "daemon":
             _run_daemon(args)
         elif args.command == "scheduler":

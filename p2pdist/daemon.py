@@ -82,6 +82,9 @@ class _Daemon:
         self.verify_lock = trio.Lock()
         self._last_load = (time.monotonic(), 0, 0, 0.0)
         self.verifying_recently: set[Digest] = set()
+        # The registry API (``/v2/...?ns=HOST``) is served on the local API too, so that
+        # ``p2pdist pull`` works with the proxy listener off.
+        self.registry = RegistryProxy(node, upstream=config.upstream, tag_ttl=config.proxy_tag_ttl)
 
     # -- peer server ----------------------------------------------------------------------
 
@@ -235,6 +238,8 @@ class _Daemon:
         path = request.path
         if path in ("/healthz", "/readyz"):
             return Response.json({"status": "ok", "host_id": self.info.host_id})
+        if path == "/v2" or path.startswith("/v2/"):
+            return await self.registry.handle(request)
         prefix = "/api/v1/blobs/"
         if not path.startswith(prefix):
             raise HTTPError(404, "not found")
@@ -426,12 +431,9 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
             if config.proxy_listen is not None:
                 proxy_listeners = await _proxy_listeners(config.proxy_listen)
                 if proxy_listeners:
-                    proxy = RegistryProxy(
-                        node, upstream=config.upstream, tag_ttl=config.proxy_tag_ttl
-                    )
                     served = await nursery.start(
                         partial(serve_http_listeners, config=server_config),
-                        proxy.handle,
+                        daemon.registry.handle,
                         proxy_listeners,
                     )
                     info.proxy_url = served.url

@@ -17,6 +17,7 @@
      │    ├── ManifestInvalid         a manifest we cannot parse or use (exit 1)
      │    └── UpstreamError           any other unexpected status, after retries (exit 4)
      ├── NetworkError                 connection refused/reset, timeouts, TLS (exit 4)
+     ├── DockerError                  the Docker engine is unreachable or refused (exit 4)
      └── StoreError                   the local piece store failed (exit 4)
           ├── StoreFull               ENOSPC / EDQUOT
           └── StorePermission         EACCES / EPERM / EROFS
@@ -30,6 +31,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DigestMismatch",
+    "DockerError",
     "Forbidden",
     "InvalidDigest",
     "InvalidReference",
@@ -122,6 +124,12 @@ class UpstreamError(RegistryError):
 
 
 class NetworkError(P2PDistError):
+    exit_code = EXIT_NETWORK
+
+
+class DockerError(P2PDistError):
+    """The Docker engine could not be reached, or refused an image."""
+
     exit_code = EXIT_NETWORK
 
 

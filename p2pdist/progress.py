@@ -1,12 +1,14 @@
-"""A one-line progress bar for a terminal: bytes, bytes/s and ETA, redrawn at most ~10×/s."""
+"""Progress for a terminal: a one-line bar (bytes, bytes/s, ETA) redrawn at most ~10×/s,
+and :class:`LineProgress`, one line per item (the layers of ``p2pdist pull``)."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from typing import TextIO
 
-__all__ = ["ProgressBar", "format_bytes", "format_rate"]
+__all__ = ["LineProgress", "ProgressBar", "format_bytes", "format_rate"]
 
 
 def format_bytes(n: float) -> str:
@@ -72,3 +74,57 @@ class ProgressBar:
             self._draw(time.monotonic())
             self.stream.write("\n")
             self.stream.flush()
+
+
+class LineProgress:
+    """One line per item, ``<label>: <state>``.  Live (a terminal): every line is redrawn
+    in place, at most ~10×/s, with a bar for items in flight.  Not live (a log, a pipe):
+    a line is printed once, when its item finishes."""
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        *,
+        stream: TextIO | None = None,
+        live: bool | None = None,
+        width: int = 24,
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self.labels = list(labels)
+        self.width = width
+        self._states = ["waiting"] * len(self.labels)
+        self._drawn_lines = 0
+        self._last_draw = 0.0
+
+    def update(self, i: int, done: int, total: int | None) -> None:
+        if total:
+            frac = min(1.0, done / total)
+            filled = int(frac * self.width)
+            bar = "#" * filled + "." * (self.width - filled)
+            self._states[i] = f"downloading [{bar}] {format_bytes(done)}/{format_bytes(total)}"
+        else:
+            self._states[i] = f"downloading {format_bytes(done)}"
+        self._redraw(force=False)
+
+    def finish(self, i: int, text: str) -> None:
+        self._states[i] = text
+        if self.live:
+            self._redraw(force=True)
+        else:
+            self.stream.write(f"{self.labels[i]}: {text}\n")
+            self.stream.flush()
+
+    def _redraw(self, *, force: bool) -> None:
+        if not self.live:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.1:
+            return
+        self._last_draw = now
+        out = [f"\x1b[{self._drawn_lines}F"] if self._drawn_lines else []
+        lines = zip(self.labels, self._states, strict=True)
+        out += [f"\x1b[2K{label}: {state}\n" for label, state in lines]
+        self.stream.write("".join(out))
+        self.stream.flush()
+        self._drawn_lines = len(self.labels)

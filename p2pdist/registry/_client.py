@@ -268,13 +268,18 @@ class RegistryClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 32,
         retry: RetryPolicy | None = None,
+        mirror: str | None = None,
     ) -> None:
+        """``mirror``: send every request to this registry mirror (a p2pdist daemon's
+        ``/v2/`` API) instead, naming the registry with ``?ns=<host>`` as containerd does;
+        credentials and tokens are still those of ``config.host``."""
         try:
             parse_platform(platform)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._config = config
-        self._base = config.base_url
+        self._base = mirror.rstrip("/") if mirror else config.base_url
+        self._query = f"?ns={config.host}" if mirror else ""
         self.platform = platform
         self._retry = retry or RetryPolicy()
         self._http = make_http_client(
@@ -289,7 +294,7 @@ class RegistryClient:
         # inject one exercise the general path).  Disabled for good on a 401/3xx.
         self._fast: FastRangeReader | None = None
         url = httpx.URL(self._base)
-        if url.scheme == "http" and credentials.empty and transport is None:
+        if url.scheme == "http" and credentials.empty and transport is None and not mirror:
             self._fast = FastRangeReader(url.host, url.port or 80)
 
     def __repr__(self) -> str:
@@ -345,7 +350,7 @@ class RegistryClient:
         return await open_response(
             self._http,
             method,
-            self._base + path,
+            self._base + path + self._query,
             headers=headers,
             retry=self._retry,
             what=what,
@@ -520,6 +525,23 @@ class RegistryClient:
         """A :class:`~p2pdist.source.Source` for one blob (ranges, retries, auth)."""
         _check_repo(repo)
         return RegistryBlobSource(self, repo, digest, size)
+
+    @asynccontextmanager
+    async def stream_blob(
+        self, repo: str, digest: Digest
+    ) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+        """``GET blobs/<digest>`` as one stream: ``(size, chunks)``.  The caller checks
+        the digest (the bytes are not verified here)."""
+        response, what = await self._open_blob("GET", repo, digest)
+        try:
+            length = response.headers.get("content-length")
+            if length is None or not length.isdigit():
+                raise UpstreamError(f"{what}: no Content-Length")
+            yield int(length), response.aiter_raw()
+        except httpx.TransportError as exc:
+            raise NetworkError(f"{what}: {type(exc).__name__}: {exc}") from None
+        finally:
+            await response.aclose()
 
     async def fetch_blob(self, repo: str, digest: Digest, *, max_size: int = 64 << 20) -> bytes:
         """A small blob (e.g. an image config) in memory, verified against its digest."""
