@@ -14,6 +14,7 @@ from bench.image import make_image, push_image
 from bench.localregistry import LocalRegistry
 from tests.faultproxy import FaultProxy
 from tests.helpers import PushedImage, skip_without_registry
+from tests.runtimes import dockerd  # noqa: F401  (the session fixture)
 
 if TYPE_CHECKING:  # tokenserver needs `cryptography`; imported lazily in the fixture
     from tests.tokenserver import TokenRegistry
