@@ -1,6 +1,6 @@
 """``python -m bench``: the demo and the benchmarks.
 
-python -m bench demo                      # registry + generated image + p2pdist get
+python -m bench demo                      # generated image through 3 daemons, verified
 python -m bench get-vs-curl --size 1GiB   # p2pdist get vs curl, same blob, same registry
 """
 
@@ -22,6 +22,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--layers", type=int, default=4)
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--out", default="demo-out", help="where results go")
+    demo.add_argument(
+        "--source",
+        choices=["auto", "registry", "archive"],
+        default="auto",
+        help="registry: a real docker-registry; archive: p2pdist import into one node, no "
+        "registry (auto: registry when docker-registry is installed)",
+    )
     swarm = sub.add_parser("swarm", help="a rollout through N daemons on loopback")
     swarm.add_argument("--nodes", type=int, default=3)
     swarm.add_argument("--size", default="256MiB", help="image content size (default 256MiB)")
@@ -42,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(size=args.size, layers=args.layers, nodes=args.nodes, out=args.out)
+        return run_demo(
+            size=args.size, layers=args.layers, nodes=args.nodes, out=args.out, source=args.source
+        )
     if args.command == "swarm":
         from p2pdist.config import parse_size
 

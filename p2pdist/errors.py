@@ -17,6 +17,7 @@
      │    ├── ManifestInvalid         a manifest we cannot parse or use (exit 1)
      │    └── UpstreamError           any other unexpected status, after retries (exit 4)
      ├── NetworkError                 connection refused/reset, timeouts, TLS (exit 4)
+     │    └── PlanConflict            the swarm cuts this blob at another piece size
      ├── DockerError                  the Docker engine is unreachable or refused (exit 4)
      └── StoreError                   the local piece store failed (exit 4)
           ├── StoreFull               ENOSPC / EDQUOT
@@ -40,6 +41,7 @@ __all__ = [
     "NotFound",
     "P2PDistError",
     "PieceMismatch",
+    "PlanConflict",
     "RegistryError",
     "StoreError",
     "StoreFull",
@@ -125,6 +127,15 @@ class UpstreamError(RegistryError):
 
 class NetworkError(P2PDistError):
     exit_code = EXIT_NETWORK
+
+
+class PlanConflict(NetworkError):
+    """The scheduler already plans this blob with another piece size (``piece_size``):
+    a node joins the swarm by cutting the blob the same way."""
+
+    def __init__(self, message: str, *, piece_size: int) -> None:
+        super().__init__(message)
+        self.piece_size = piece_size
 
 
 class DockerError(P2PDistError):

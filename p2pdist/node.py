@@ -24,7 +24,7 @@ import trio
 
 from .config import NodeConfig
 from .digest import Digest
-from .errors import DigestMismatch, P2PDistError, UsageError
+from .errors import DigestMismatch, P2PDistError, PlanConflict, UsageError
 from .peer import PieceLocation
 from .pieces import PiecePlan, piece_size_for
 from .registry import RegistryClient
@@ -248,8 +248,10 @@ class Node:
             if info.size is None:
                 raise UsageError(f"{source.description}: origin announces no size")
             size, ranges = info.size, info.accepts_ranges
-        for attempt in range(2):
-            task = await self._open_task(digest, size)
+        attempt = 0
+        piece_size: int | None = None  # the swarm's, after a plan conflict
+        while True:
+            task = await self._open_task(digest, size, piece_size)
             if task is None:  # completed by someone else meanwhile
                 path = self.store.blob_path(digest)
                 assert path is not None
@@ -257,6 +259,7 @@ class Node:
                 return path
             job.task, job.plan, job.attempt = task, task.plan, attempt
             self._tasks[digest] = task
+            discard = False
             try:
                 # The swarm leases byte ranges of the origin: without Range support the
                 # node fetches the blob as one stream, alone.
@@ -279,17 +282,28 @@ class Node:
                     raise
                 # Poisoned piece-hash list: the store discarded the task; start over from
                 # the registry alone.
-                continue
+                attempt += 1
+            except PlanConflict as exc:
+                # Other nodes cut this blob at another piece size (a different config, or
+                # an imported blob): start over with theirs, once, to share pieces.
+                if piece_size is not None or exc.piece_size == task.plan.piece_size:
+                    raise
+                log.info("%s: the swarm uses %d-byte pieces: adopting", digest, exc.piece_size)
+                piece_size, discard = exc.piece_size, True
             finally:
                 self._tasks.pop(digest, None)
                 # close() waits for a re-verification pass that may be running: not on
                 # the event loop.
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(task.close)
-        raise AssertionError("unreachable")
+                    if discard:
+                        await trio.to_thread.run_sync(self.store.remove_task, digest)
 
-    async def _open_task(self, digest: Digest, size: int) -> Task | None:
-        piece_size = piece_size_for(size, self.config.piece_size)
+    async def _open_task(
+        self, digest: Digest, size: int, piece_size: int | None = None
+    ) -> Task | None:
+        if piece_size is None:
+            piece_size = piece_size_for(size, self.config.piece_size)
         try:
             return await trio.to_thread.run_sync(self.store.open_task, digest, size, piece_size)
         except BlobComplete:

@@ -38,7 +38,7 @@ from scheduler import (
 from scheduler._codec import decode_answer, encode
 
 from .digest import Digest
-from .errors import NetworkError, P2PDistError
+from .errors import NetworkError, P2PDistError, PlanConflict
 from .swarm import FailureReason
 
 __all__ = ["SchedulerClient"]
@@ -75,6 +75,8 @@ class SchedulerClient:
         self._registered = False
         self._register_lock = trio.Lock()
         self._plans: dict[str, tuple[int, int]] = {}
+        self._complete: set[str] = set()
+        """Complete blobs the scheduler has been told of (announced or completed)."""
 
     @property
     def host_id(self) -> str:
@@ -133,7 +135,22 @@ class SchedulerClient:
                 raise NetworkError(f"scheduler refused registration: {answer}")
             for ann in await self.announcements():
                 await self._post(ann)
+                if ann.complete:
+                    self._complete.add(ann.digest)
             self._registered = True
+
+    async def announce_new_blobs(self) -> int:
+        """Announce complete blobs that appeared in the store without a download of ours
+        (``p2pdist import``); how many were new."""
+        if not self._registered:
+            return 0
+        new = 0
+        for ann in await self.announcements():
+            if ann.complete and ann.digest not in self._complete:
+                await self.call(ann)
+                self._complete.add(ann.digest)
+                new += 1
+        return new
 
     async def _reannounce_task(self, digest: str) -> None:
         for ann in await self.announcements():
@@ -150,6 +167,7 @@ class SchedulerClient:
         while True:
             try:
                 await self.call(Heartbeat(self.host_id, load()))
+                await self.announce_new_blobs()
             except (P2PDistError, httpx.HTTPError) as exc:
                 # Never let the heartbeat take the daemon down: try again next time.
                 log.warning("heartbeat: %s", exc)
@@ -165,6 +183,8 @@ class SchedulerClient:
         self._plans[str(digest)] = (size, piece_size)
         answer = await self.call(StartTask(self.host_id, str(digest), size, piece_size))
         if isinstance(answer, Rejected):
+            if answer.reason == "plan_conflict" and answer.piece_size and answer.size == size:
+                raise PlanConflict(answer.message, piece_size=answer.piece_size)
             raise NetworkError(f"scheduler rejected task {digest}: {answer.message}")
 
     async def assign(self, digest: Digest, max_pieces: int) -> Assignment:
@@ -193,6 +213,7 @@ class SchedulerClient:
 
     async def complete(self, digest: Digest, hashes: dict[int, str] | None) -> None:
         await self.call(CompleteTask(self.host_id, str(digest), hashes))
+        self._complete.add(str(digest))
 
     async def leave_task(self, digest: Digest) -> None:
         await self.call(LeaveTask(self.host_id, str(digest)))

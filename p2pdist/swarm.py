@@ -33,7 +33,7 @@ from scheduler import Assignment, PieceSource
 
 from .digest import Digest
 from .download import DownloadStats, ProgressFn, SourceFetcher, download
-from .errors import DigestMismatch, NetworkError, PieceMismatch, collapse_groups
+from .errors import DigestMismatch, NetworkError, PieceMismatch, PlanConflict, collapse_groups
 from .peer import PeerError, fetch_piece, report_bad_piece
 from .source import Source, SourceInfo
 
@@ -332,7 +332,7 @@ async def swarm_download(
                 await swarm.run()
             epoch = swarm.epoch
         except NetworkError as exc:
-            if isinstance(exc, PeerError):
+            if isinstance(exc, PeerError | PlanConflict):
                 raise
             log.warning(
                 "scheduler unreachable (%s): fetching %s from the registry", exc, task.digest
