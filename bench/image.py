@@ -15,6 +15,10 @@ Layers are real tar archives (``tarfile`` headers, ustar, fixed mtime/uid/gid, e
 blocks), the config is a valid image config whose ``rootfs.diff_ids`` are the sha256 of each
 uncompressed tar, and the manifest is Docker v2 schema 2 (or OCI with ``oci=True``), so
 ``docker load``/``docker pull``/skopeo accept the result.  Same arguments → same bytes.
+
+``make_shell_image(size=..., layers=..., seed=...)`` is a *runnable* image (``docker run
+IMAGE /bin/sh -c 'echo hi'``): a first layer with the host's ``/bin/dash`` as ``/bin/sh``
+and the shared libraries ``ldd`` lists for it, then synthetic layers as above.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import random
 import struct
+import subprocess
 import tarfile
 import zlib
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -51,13 +58,16 @@ __all__ = [
     "LayerFormat",
     "PushError",
     "docker_save_tar",
+    "host_platform",
     "make_image",
     "make_index",
+    "make_shell_image",
     "push_blob",
     "push_image",
     "push_index",
     "push_manifest",
     "sha256",
+    "shared_libraries",
 ]
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -143,11 +153,11 @@ class Image:
 # -- generation ----------------------------------------------------------------------------
 
 
-def _tar_member(name: str, data: bytes) -> bytes:
+def _tar_member(name: str, data: bytes, mode: int = 0o644) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = _MTIME
-    info.mode = 0o644
+    info.mode = mode
     info.uname = info.gname = "root"
     header = info.tobuf(format=tarfile.USTAR_FORMAT)
     pad = -len(data) % tarfile.BLOCKSIZE
@@ -251,16 +261,38 @@ def make_image(
         raise ValueError("size must be >= 0")
     if layer_format not in ("gzip", "tar"):
         raise ValueError(f"layer_format must be 'gzip' or 'tar', got {layer_format!r}")
-    plat = _parse_platform(platform)
+    _parse_platform(platform)
     rng = random.Random(f"p2pdist-image:{seed}:{layer_format}")
     per_layer = [size // layers + (1 if i < size % layers else 0) for i in range(layers)]
     tars = [_make_layer_tar(rng, i, n, layer_format) for i, n in enumerate(per_layer)]
+    return _assemble_image(
+        tars,
+        layer_format=layer_format,
+        platform=platform,
+        oci=oci,
+        seed=seed,
+        history=[f"p2pdist synthetic layer {i}" for i in range(layers)],
+    )
+
+
+def _assemble_image(
+    tars: list[bytes],
+    *,
+    layer_format: LayerFormat,
+    platform: str,
+    oci: bool,
+    seed: int,
+    history: list[str],
+) -> Image:
+    """The :class:`Image` over these layer tars: compressed (gzip) or not, a config whose
+    ``rootfs.diff_ids`` are the tars' sha256, and a manifest (Docker v2 or OCI)."""
+    plat = _parse_platform(platform)
     diff_ids = [sha256(t) for t in tars]
     if layer_format == "gzip":
         with ThreadPoolExecutor(max_workers=2) as pool:  # zlib releases the GIL
             blobs = [_gzip(t, pool) for t in tars]
     else:
-        blobs = tars
+        blobs = list(tars)
     del tars
 
     config_obj = {
@@ -275,8 +307,7 @@ def make_image(
         },
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [
-            {"created": "2000-01-01T00:00:00Z", "created_by": f"p2pdist synthetic layer {i}"}
-            for i in range(layers)
+            {"created": "2000-01-01T00:00:00Z", "created_by": created_by} for created_by in history
         ],
     }
     config = _dumps(config_obj)
@@ -311,6 +342,95 @@ def make_image(
         oci=oci,
         layer_format=layer_format,
         layer_digests=layer_digests,
+    )
+
+
+# -- a runnable image: the host's shell and the libraries it needs -------------------------
+
+_GOARCH = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
+
+
+def host_platform() -> str:
+    """``linux/<GOARCH>`` of this machine (what its binaries run on)."""
+    machine = os.uname().machine
+    return f"linux/{_GOARCH.get(machine, machine)}"
+
+
+def shared_libraries(binary: str) -> list[str]:
+    """The absolute paths ``ldd binary`` lists (the dynamic loader included; not the vDSO).
+    Empty for a static binary."""
+    result = subprocess.run(
+        ["ldd", binary], capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+    )
+    if result.returncode != 0:
+        if "not a dynamic executable" in result.stdout + result.stderr:
+            return []
+        raise RuntimeError(f"ldd {binary} failed: {result.stderr.strip()}")
+    paths: list[str] = []
+    for line in result.stdout.splitlines():
+        # "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+        target = line.split("=>", 1)[1] if "=>" in line else line
+        word = target.strip().split(" ", 1)[0]
+        if word.startswith("/") and word not in paths:
+            paths.append(word)
+    return paths
+
+
+def _shell_layer_tar(shell: str, seed: int) -> bytes:
+    """A layer holding ``shell`` as ``bin/sh`` plus every library ``ldd`` lists, at the
+    paths ``ldd`` names (symlinks resolved: regular files), and a file naming ``seed`` (so
+    each seed gives a layer no runtime has seen)."""
+    files: dict[str, tuple[bytes, int]] = {"bin/sh": (Path(shell).read_bytes(), 0o755)}
+    for lib in shared_libraries(shell):
+        files[lib.lstrip("/")] = (Path(lib).read_bytes(), 0o755)
+    files["etc/p2pdist-shell-seed"] = (f"{seed}\n".encode(), 0o644)
+    dirs: set[str] = set()
+    for name in files:
+        parts = name.split("/")[:-1]
+        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    out = [_tar_dir(d + "/") for d in sorted(dirs)]
+    out += [_tar_member(name, data, mode) for name, (data, mode) in sorted(files.items())]
+    length = sum(len(p) for p in out) + 2 * tarfile.BLOCKSIZE
+    out.append(b"\0" * (2 * tarfile.BLOCKSIZE + (-length % tarfile.RECORDSIZE)))
+    return b"".join(out)
+
+
+def make_shell_image(
+    *,
+    size: int = 0,
+    layers: int = 0,
+    seed: int = 0,
+    oci: bool = False,
+    shell: str = "/bin/dash",
+) -> Image:
+    """A runnable image: a first gzip layer with the host's ``shell`` as ``/bin/sh`` and the
+    shared libraries it needs (so ``docker run IMAGE /bin/sh -c '...'`` works), then
+    ``layers`` synthetic gzip layers holding ``size`` bytes in all (as :func:`make_image`).
+    ``Cmd`` is ``["/bin/sh"]``; the platform is the host's (:func:`host_platform`).
+    Deterministic for one host (the shell and libraries are the host's files)."""
+    if layers < 0 or size < 0:
+        raise ValueError("layers and size must be >= 0")
+    if size and not layers:
+        raise ValueError("size needs layers >= 1")
+    tars = [_shell_layer_tar(shell, seed)]
+    rng = random.Random(f"p2pdist-image:{seed}:gzip")
+    per_layer = [size // layers + (1 if i < size % layers else 0) for i in range(layers)]
+    tars += [_make_layer_tar(rng, i, n, "gzip") for i, n in enumerate(per_layer)]
+    return _assemble_image(
+        tars,
+        layer_format="gzip",
+        platform=host_platform(),
+        oci=oci,
+        seed=seed,
+        history=[f"p2pdist shell layer ({shell} as /bin/sh)"]
+        + [f"p2pdist synthetic layer {i}" for i in range(layers)],
     )
 
 
