@@ -60,6 +60,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote
 
 import httpx
 import trio
@@ -108,6 +109,8 @@ _STREAM_POLL: Final = 0.25
 _MAX_ERROR_BODY: Final = 64 << 10
 _PING_TIMEOUT: Final = 5.0
 _PATH = re.compile(r"/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)")
+_TAGS_PATH = re.compile(r"/v2/(?P<name>.+)/tags/list")
+_MAX_TAGS_BODY: Final = 4 << 20
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOST = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?")
 _GENERIC_TYPES: Final = ("", "application/json", "application/octet-stream", "text/plain")
@@ -155,9 +158,25 @@ async def stream_job(
             ready = min(ready, stop - 1)
         if ready > sent:
             upto = min(ready, stop, sent + STREAM_CHUNK)
-            chunk = await trio.to_thread.run_sync(_read_job, node, job, sent, upto)
+            try:
+                chunk = await trio.to_thread.run_sync(_read_job, node, job, sent, upto)
+            except HTTPError:
+                chunk = b""
+            if job.attempt != attempt:
+                # The download started over while we read: the bytes may be the new
+                # attempt's, not yet verified.  Nothing sent yet: follow the new attempt.
+                if sent > start:
+                    raise HTTPError(502, f"blob {job.digest} failed its digest check; retry")
+                attempt = job.attempt
+                continue
             if not chunk:
-                raise HTTPError(500, "blob data went away")
+                if job.done.is_set():
+                    raise HTTPError(500, "blob data went away")
+                # The task's data was discarded (a failed digest check) and the next
+                # attempt has not opened yet: wait for it.
+                with trio.move_on_after(_STREAM_POLL):
+                    await changed.wait()
+                continue
             sent += len(chunk)
             yield chunk
             continue
@@ -422,6 +441,9 @@ class RegistryProxy:
             )
         if path in ("/v2", "/v2/"):
             return await self._ping(request)
+        tags = _TAGS_PATH.fullmatch(path)
+        if tags is not None:
+            return await self._tags_list(request, tags["name"])
         m = _PATH.fullmatch(path)
         if m is None:
             raise HTTPError(404, "not supported by the p2pdist proxy", code="UNSUPPORTED")
@@ -521,6 +543,40 @@ class RegistryProxy:
         )
 
     # -- /v2/ ----------------------------------------------------------------------------
+
+    async def _tags_list(self, request: Request, name: str) -> Response:
+        """``GET /v2/<name>/tags/list[?n=&last=]`` from the upstream, as it answers (tools
+        such as skopeo ask; runtimes do not).  Imported images have no list: 404."""
+        if not is_valid_repository(name):
+            raise HTTPError(400, f"invalid repository name {name[:80]!r}", code="NAME_INVALID")
+        up = await self._upstream(request, name)
+        params = [
+            (key, request.query[key][0])
+            for key in ("n", "last")
+            if request.query.get(key) and len(request.query[key][0]) <= 256
+        ]
+        query = "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in params) if params else ""
+        response = await self._open(
+            up, "GET", f"/v2/{name}/tags/list{query}", {"Accept": "application/json"}
+        )
+        try:
+            if response.status_code != 200:
+                raise await self._refuse(up, response, "NAME_UNKNOWN")
+            try:
+                body = await read_capped(response, _MAX_TAGS_BODY, f"tags of {up.what}")
+            except NetworkError as exc:
+                raise _gateway_error(exc) from None
+            link = response.headers.get("link")
+        finally:
+            await response.aclose()
+        if body is None:
+            raise HTTPError(502, f"tags of {up.what}: larger than {_MAX_TAGS_BODY} bytes")
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        if link and link.startswith("</v2/"):
+            headers.append(("Link", link))
+        if request.method == "HEAD":
+            return Response(200, headers, b"")
+        return Response(200, headers, body)
 
     async def _ping(self, request: Request) -> Response:
         ok = Response.json({})

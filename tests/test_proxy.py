@@ -253,7 +253,7 @@ async def test_errors_are_oci_bodies(tmp_path: Path, pushed_image: PushedImage) 
         ]:
             r = await c.request(method, path, content=b"x")
             assert r.status_code == 405 and _error_code(r) == "UNSUPPORTED", (method, path)
-        r = await c.get("/v2/test/app/tags/list")
+        r = await c.get("/v2/_catalog")
         assert r.status_code == 404 and _error_code(r) == "UNSUPPORTED"
         r = await c.get("/v2/test/app/manifests/v1", params={"ns": "bad host!"})
         assert r.status_code == 400
@@ -481,6 +481,30 @@ async def test_skopeo_copies_through_the_proxy(tmp_path: Path, pushed_image: Pus
     # the layers went through the node's store
     for digest in image.layer_digests:
         assert info.node.store.blob_path(Digest.parse(digest)) is not None
+
+
+async def test_tags_list_comes_from_the_upstream(tmp_path: Path, pushed_image: PushedImage) -> None:
+    async with proxy_daemon(tmp_path, pushed_image.url) as info, _client(info) as c:
+        r = await c.get("/v2/test/app/tags/list")
+        assert r.status_code == 200, r.text
+        assert "v1" in r.json()["tags"] and r.json()["name"] == "test/app"
+        r = await c.get("/v2/test/app/tags/list", params={"n": "1"})
+        assert r.status_code == 200 and len(r.json()["tags"]) == 1
+        r = await c.get("/v2/test/nothing-here/tags/list")
+        assert r.status_code == 404 and _error_code(r) == "NAME_UNKNOWN"
+        r = await c.get("/v2/Bad..Name/tags/list")
+        assert r.status_code == 400 and _error_code(r) == "NAME_INVALID"
+        # skopeo inspect (which lists tags) works through the proxy
+        assert info.proxy_url is not None
+        proxy = info.proxy_url.removeprefix("http://")
+        result = await trio.run_process(
+            ["skopeo", "inspect", "--tls-verify=false", f"docker://{proxy}/test/app:v1"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        assert "v1" in json.loads(result.stdout)["RepoTags"]
 
 
 def test_proxy_config_and_flags() -> None:
