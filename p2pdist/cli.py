@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--piece-size", help="piece size, e.g. 4MiB")
     daemon.add_argument("--concurrency", type=_positive, help="parallel piece fetches")
     daemon.add_argument("--upload-slots", type=_positive, help="concurrent uploads to peers")
+    daemon.add_argument("--download-rate", help="receive at most this, e.g. 100Mbit or 12MiB/s")
+    daemon.add_argument("--upload-rate", help="send to peers at most this, e.g. 100Mbit")
+    daemon.add_argument("--source-rate", help="fetch from registries at most this, e.g. 50Mbit")
     daemon.add_argument("--log-level", default="info", help="debug, info, warning, error")
 
     setup = sub.add_parser(
@@ -313,6 +316,9 @@ def _run_daemon(args: argparse.Namespace) -> None:
             "piece_size": args.piece_size,
             "concurrency": args.concurrency,
             "upload_slots": args.upload_slots,
+            "download_rate": args.download_rate,
+            "upload_rate": args.upload_rate,
+            "source_rate": args.source_rate,
         },
     )
     trio.run(run_daemon, config)

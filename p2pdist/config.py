@@ -40,6 +40,7 @@ __all__ = [
     "default_data_dir",
     "is_loopback_host",
     "load_node_config",
+    "parse_rate",
     "parse_size",
     "split_hostport",
 ]
@@ -77,6 +78,30 @@ def parse_size(value: str | int) -> int:
     if m is None or (m.group(2) or "").upper() not in _UNITS:
         raise ConfigError(f"invalid size {value!r}: expected e.g. 4MiB, 512KiB, 1GB or bytes")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+_RATE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:bit(?:/s|ps)?|bps)\s*", re.IGNORECASE)
+
+
+def parse_rate(value: str | int | None) -> int | None:
+    """A bandwidth in bytes/s: ``"100Mbit"`` (also ``100Mbit/s``, ``100Mbps``) →
+    12500000, ``"12MiB"``/``"12MB/s"`` as a size per second, ``123`` bytes/s; ``0``,
+    ``"off"``, ``""`` or None → None (unlimited)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "0")):
+        return None
+    if isinstance(value, str):
+        m = _RATE.fullmatch(value)
+        if m is not None:
+            bits = float(m.group(1)) * _UNITS[m.group(2).upper()]
+            return int(bits / 8) or None
+        value = value.strip().removesuffix("/s")
+    try:
+        rate = parse_size(value)
+    except ConfigError:
+        raise ConfigError(
+            f"invalid rate {value!r}: expected e.g. 100Mbit, 12MiB (per second) or bytes/s"
+        ) from None
+    return rate or None
 
 
 def is_loopback_host(host: str) -> bool:
@@ -154,6 +179,12 @@ class NodeConfig:
     api_listen: str = "127.0.0.1:65003"
     upload_slots: int = 16
     piece_timeout: float = 30.0
+    download_rate: int | None = None
+    """Bytes/s this node receives at most, from peers and registries together."""
+    upload_rate: int | None = None
+    """Bytes/s this node's peer server sends at most."""
+    source_rate: int | None = None
+    """Bytes/s this node fetches from registries (back-to-source) at most."""
     # -- the registry proxy (part of the daemon) -----------------------------------------
     proxy_listen: str | None = DEFAULT_PROXY_LISTEN
     """HOST:PORT of the registry pull-through proxy (``None``: no proxy)."""
@@ -238,6 +269,9 @@ _SIMPLE_KEYS = (
     "api_listen",
     "upload_slots",
     "piece_timeout",
+    "download_rate",
+    "upload_rate",
+    "source_rate",
     "proxy_listen",
     "upstream",
     "proxy_tag_ttl",
@@ -287,6 +321,9 @@ def load_node_config(
         for key in ("concurrency", "upload_slots"):
             if key in values:
                 values[key] = int(values[key])
+        for key in ("download_rate", "upload_rate", "source_rate"):
+            if key in values:
+                values[key] = parse_rate(values[key])
         for key in ("piece_timeout", "proxy_tag_ttl"):
             if key in values:
                 values[key] = float(values[key])

@@ -27,7 +27,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import NoReturn
 
@@ -421,8 +421,9 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
             if config.schedulers:
                 daemon_ref.append(daemon)
             server_config = ServerConfig(keepalive_timeout=120.0)
+            peer_config = replace(server_config, send_limiter=node.bandwidth.upload)
             await nursery.start(
-                partial(serve_http_listeners, config=server_config), daemon.peer, peer_listeners
+                partial(serve_http_listeners, config=peer_config), daemon.peer, peer_listeners
             )
             api = await nursery.start(
                 partial(serve_http, config=server_config), daemon.api, api_host, api_port

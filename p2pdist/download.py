@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -41,6 +41,8 @@ __all__ = [
 
 ProgressFn = Callable[[int, int | None], None]
 """Called with (bytes received so far, total size or None)."""
+ThrottleFn = Callable[[int], Awaitable[None]]
+"""Awaited with the size of each chunk received (a bandwidth limit paces the reads)."""
 
 SPAN_RETRIES = 4
 
@@ -173,8 +175,10 @@ class SourceFetcher:
         progress: ProgressFn | None = None,
         stats: DownloadStats | None = None,
         on_piece: Callable[[int, str], None] | None = None,
+        throttle: ThrottleFn | None = None,
     ) -> None:
         self.on_piece = on_piece
+        self.throttle = throttle
         self.source = source
         self.sink = sink
         self.plan = sink.plan
@@ -225,6 +229,8 @@ class SourceFetcher:
                     try:
                         async for chunk in stream:
                             self._count(len(chunk))
+                            if self.throttle is not None:
+                                await self.throttle(len(chunk))
                             for index, data in pieces.feed(chunk):
                                 pending.remove(index)
                                 await self.buffers.acquire()
@@ -287,6 +293,8 @@ class SourceFetcher:
             try:
                 async for chunk in stream:
                     self._count(len(chunk))
+                    if self.throttle is not None:
+                        await self.throttle(len(chunk))
                     for index, data in pieces.feed(chunk):
                         if index in missing:
                             await self.buffers.acquire()
@@ -385,12 +393,15 @@ async def download(
     info: SourceInfo,
     concurrency: int = 8,
     progress: ProgressFn | None = None,
+    throttle: ThrottleFn | None = None,
 ) -> tuple[Path, DownloadStats]:
     """Fill ``sink`` from ``source`` and commit it.  Returns the committed path."""
     stats = DownloadStats(size=sink.plan.size)
     missing = sink.missing()
     stats.reused = sink.plan.size - sum(sink.plan.length(i) for i in missing)
-    engine = SourceFetcher(source, sink, concurrency=concurrency, progress=progress, stats=stats)
+    engine = SourceFetcher(
+        source, sink, concurrency=concurrency, progress=progress, stats=stats, throttle=throttle
+    )
     started = time.perf_counter()
     if missing:
         if info.accepts_ranges:

@@ -84,6 +84,7 @@ import h11
 import trio
 
 from .errors import P2PDistError
+from .ratelimit import RateLimiter
 
 __all__ = [
     "FileBody",
@@ -108,6 +109,7 @@ _SEND_SLICE: Final = 1 << 20  # send_timeout applies per slice of this size
 _COALESCE_LIMIT: Final = 64 * 1024  # join head + body into one send below this
 _FALLBACK_CHUNK: Final = 1 << 20  # pread chunk when sendfile is unavailable
 _SENDFILE_MAX: Final = 0x7FFFF000  # Linux caps one sendfile call at this
+_LIMITED_SENDFILE: Final = 128 << 10  # sendfile slice under a send_limiter
 _DRAIN_LIMIT: Final = 1 << 20  # unread request body drained to keep the connection
 _LINGER_SECONDS: Final = 1.0
 _LINGER_BYTES: Final = 1 << 20
@@ -512,6 +514,8 @@ class ServerConfig:
     server_name: str = "p2pdist"
     #: ``on_response(request, status, body_bytes_sent, seconds)`` after each response.
     on_response: OnResponse | None = None
+    #: Paces every byte sent on every connection of the server (an upload limit).
+    send_limiter: RateLimiter | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -1014,9 +1018,14 @@ class _Connection:
     async def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         timeout = self.config.send_timeout
-        for pos in range(0, len(view), _SEND_SLICE):
+        limiter = self.config.send_limiter
+        step = _SEND_SLICE if limiter is None else _LIMITED_SENDFILE
+        for pos in range(0, len(view), step):
+            part = view[pos : pos + step]
+            if limiter is not None:
+                await limiter.take(len(part))
             with trio.fail_after(timeout):
-                await self.stream.send_all(view[pos : pos + _SEND_SLICE])
+                await self.stream.send_all(part)
 
     async def send_parts(self, parts: list[Any]) -> None:
         if sum(len(p) for p in parts) <= _COALESCE_LIMIT:
@@ -1112,11 +1121,18 @@ class _Connection:
         sock_fd = sock.fileno()
         sent = 0
         timeout = self.config.send_timeout
+        limiter = self.config.send_limiter
+        most = _SENDFILE_MAX if limiter is None else _LIMITED_SENDFILE
         with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             while sent < length:
+                want = min(length - sent, most)
+                if limiter is not None:
+                    await limiter.take(want)
                 try:
-                    n = os.sendfile(sock_fd, fd, offset + sent, min(length - sent, _SENDFILE_MAX))
+                    n = os.sendfile(sock_fd, fd, offset + sent, want)
                 except BlockingIOError:
+                    if limiter is not None:
+                        limiter.bucket.reserve(-want, trio.current_time())  # not sent: refund
                     await trio.lowlevel.wait_writable(sock)
                     continue
                 except OSError as exc:
@@ -1126,6 +1142,8 @@ class _Connection:
                 if n == 0:
                     logger.warning("file shrank while being sent; closing the connection")
                     raise _Aborted
+                if limiter is not None and n < want:
+                    limiter.bucket.reserve(n - want, trio.current_time())  # refund the rest
                 sent += n
                 self.body_sent += n
                 if sent < length:

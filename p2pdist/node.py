@@ -27,6 +27,7 @@ from .digest import Digest
 from .errors import DigestMismatch, P2PDistError, PlanConflict, UsageError
 from .peer import PieceLocation
 from .pieces import PiecePlan, piece_size_for
+from .ratelimit import Bandwidth
 from .registry import RegistryClient
 from .source import Source
 from .store import BlobComplete, PieceStore, Task
@@ -102,6 +103,9 @@ class Node:
         self.store = store
         self.link = link
         self.peers = peers
+        self.bandwidth = Bandwidth.from_rates(
+            download=config.download_rate, upload=config.upload_rate, source=config.source_rate
+        )
         self.nursery = nursery
         self._jobs: dict[Digest, Job] = {}
         self._piece_hashes: dict[Digest, tuple[int, list[str]]] = {}
@@ -273,6 +277,7 @@ class Node:
                     piece_timeout=self.config.piece_timeout,
                     progress=job.notify,
                     accepts_ranges=ranges,
+                    bandwidth=self.bandwidth,
                 )
                 job.stats = stats
                 self.stats[digest] = stats

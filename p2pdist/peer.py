@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +160,7 @@ async def fetch_piece(
     plan: PiecePlan,
     *,
     accept_zstd: bool = True,
+    throttle: Callable[[int], Awaitable[None]] | None = None,
 ) -> tuple[bytes, int]:
     """Fetch piece ``index`` from a parent: ``(piece bytes, bytes on the wire)``.
 
@@ -182,6 +183,8 @@ async def fetch_piece(
             buf = bytearray()
             async for chunk in resp.aiter_raw():
                 buf += chunk
+                if throttle is not None:
+                    await throttle(len(chunk))
                 if len(buf) > limit:
                     raise PeerError(f"parent {parent_addr} sent more than piece {index} holds")
     except (httpx.HTTPError, httpx.InvalidURL) as exc:

@@ -35,6 +35,7 @@ from .digest import Digest
 from .download import DownloadStats, ProgressFn, SourceFetcher, download
 from .errors import DigestMismatch, NetworkError, PieceMismatch, PlanConflict, collapse_groups
 from .peer import PeerError, fetch_piece, report_bad_piece
+from .ratelimit import UNLIMITED, Bandwidth
 from .source import Source, SourceInfo
 
 if TYPE_CHECKING:
@@ -105,7 +106,9 @@ class _Swarm:
         piece_timeout: float,
         progress: ProgressFn | None,
         stats: SwarmStats,
+        bandwidth: Bandwidth = UNLIMITED,
     ) -> None:
+        self.bandwidth = bandwidth
         self.task = task
         self.plan = task.plan
         self.digest = task.digest
@@ -126,6 +129,12 @@ class _Swarm:
         self.epoch: int | None = None
         self.last_progress = trio.current_time()
         self.stall_timeout = 3.0
+
+    async def _throttle_peer(self, n: int) -> None:
+        await self.bandwidth.received(n, from_source=False)
+
+    async def _throttle_source(self, n: int) -> None:
+        await self.bandwidth.received(n, from_source=True)
 
     def _progressed(self) -> None:
         self.last_progress = trio.current_time()
@@ -180,7 +189,12 @@ class _Swarm:
             with trio.move_on_after(self.piece_timeout) as scope:
                 try:
                     data, wire = await fetch_piece(
-                        self.peers, pp.parent_addr, self.digest, index, self.plan
+                        self.peers,
+                        pp.parent_addr,
+                        self.digest,
+                        index,
+                        self.plan,
+                        throttle=self._throttle_peer,
                     )
                     await trio.to_thread.run_sync(self.task.write_piece, index, data, expected)
                     self.stats.from_peers += len(data)
@@ -208,7 +222,13 @@ class _Swarm:
             await report_bad_piece(self.peers, pp.parent_addr, self.digest, index)
 
     async def _from_source(self, run: list[int]) -> None:
-        fetcher = SourceFetcher(self.source, self.task, concurrency=1, on_piece=self._source_piece)
+        fetcher = SourceFetcher(
+            self.source,
+            self.task,
+            concurrency=1,
+            on_piece=self._source_piece,
+            throttle=self._throttle_source,
+        )
         try:
             await fetcher.fetch_spans([run])
         finally:
@@ -309,6 +329,7 @@ async def swarm_download(
     piece_timeout: float = 30.0,
     progress: ProgressFn | None = None,
     accepts_ranges: bool = True,
+    bandwidth: Bandwidth = UNLIMITED,
 ) -> tuple[Path, SwarmStats]:
     """Complete ``task`` through the swarm (or from ``source`` alone when ``link`` is
     None or the scheduler is unreachable) and commit it.  Returns the blob's path."""
@@ -326,6 +347,7 @@ async def swarm_download(
             piece_timeout=piece_timeout,
             progress=progress,
             stats=stats,
+            bandwidth=bandwidth,
         )
         try:
             with collapse_groups():
@@ -341,7 +363,7 @@ async def swarm_download(
             link = None
     try:
         path, dstats = await _finish_from_source(
-            task, source, concurrency, progress, accepts_ranges
+            task, source, concurrency, progress, accepts_ranges, bandwidth
         )
     except DigestMismatch:
         if link is None:
@@ -366,10 +388,22 @@ async def _finish_from_source(
     concurrency: int,
     progress: ProgressFn | None,
     accepts_ranges: bool,
+    bandwidth: Bandwidth,
 ) -> tuple[Path, DownloadStats]:
     """Fetch whatever is still missing from the registry, then commit (whole-blob check)."""
     info = SourceInfo(task.plan.size, accepts_ranges)
-    return await download(source, task, info=info, concurrency=concurrency, progress=progress)
+
+    async def throttle(n: int) -> None:
+        await bandwidth.received(n, from_source=True)
+
+    return await download(
+        source,
+        task,
+        info=info,
+        concurrency=concurrency,
+        progress=progress,
+        throttle=None if bandwidth == UNLIMITED else throttle,
+    )
 
 
 async def _quietly(call: Awaitable[None]) -> None:
