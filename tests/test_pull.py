@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from bench.cluster import Cluster
-from bench.image import Image, make_image, push_image, push_index
+from bench.image import Image, make_image, make_shell_image, push_image, push_index
 from bench.localregistry import LocalRegistry
 from p2pdist.digest import Digest, sha256_digest
 from p2pdist.docker import parse_load_output
@@ -336,11 +336,16 @@ def _diff_ids(image: Image) -> list[str]:
 def test_pull_loads_into_docker_verified_and_tagged(
     pull: Pull, registry: LocalRegistry, dockerd: Dockerd
 ) -> None:
-    image = make_image(size=4 * MIB, layers=3, seed=61)
+    image = make_shell_image(size=4 * MIB, layers=2, seed=61)
     push_image(registry.url, "pull/docker", "v1", image)
     name = f"{registry.host}/pull/docker"
     r = pull(f"{name}:v1", "--docker-host", dockerd.url)
     assert r.returncode == 0, r
+    # the image runs
+    ran = dockerd.docker(
+        "run", "--rm", "--network", "none", f"{name}:v1", "/bin/sh", "-c", "echo pulled-ok"
+    )
+    assert ran.stdout.strip() == "pulled-ok", ran
     inspected = _docker_image(dockerd, f"{name}:v1")
     assert inspected is not None, r
     assert inspected["Id"] == image.config_digest
