@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--piece-size", help="piece size, e.g. 4MiB")
     daemon.add_argument("--concurrency", type=_positive, help="parallel piece fetches")
     daemon.add_argument("--upload-slots", type=_positive, help="concurrent uploads to peers")
+    daemon.add_argument(
+        "--cluster-token-file", help="file holding the cluster's shared token (cluster auth)"
+    )
     daemon.add_argument("--download-rate", help="receive at most this, e.g. 100Mbit or 12MiB/s")
     daemon.add_argument("--upload-rate", help="send to peers at most this, e.g. 100Mbit")
     daemon.add_argument("--source-rate", help="fetch from registries at most this, e.g. 50Mbit")
@@ -196,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sched.add_argument("--listen", default="0.0.0.0:65004", help="HOST:PORT (0.0.0.0:65004)")
     sched.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sched.add_argument(
+        "--cluster-token-file",
+        default=os.environ.get("P2PDIST_CLUSTER_TOKEN_FILE"),
+        help="file holding the cluster's shared token: events must carry it "
+        "(also $P2PDIST_CLUSTER_TOKEN)",
+    )
     return parser
 
 
@@ -319,6 +328,7 @@ def _run_daemon(args: argparse.Namespace) -> None:
             "download_rate": args.download_rate,
             "upload_rate": args.upload_rate,
             "source_rate": args.source_rate,
+            "cluster_token_file": args.cluster_token_file,
         },
     )
     trio.run(run_daemon, config)
@@ -374,8 +384,11 @@ def _run_scheduler(args: argparse.Namespace) -> None:
     from .config import split_hostport
 
     _logging(args.log_level)
+    from .clusterauth import read_token
+
     host, port = split_hostport(args.listen, what="--listen")
-    trio.run(run_scheduler, host, port)
+    token = read_token(value=os.environ.get("P2PDIST_CLUSTER_TOKEN"), file=args.cluster_token_file)
+    trio.run(run_scheduler, host, port, token)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -185,6 +185,8 @@ class NodeConfig:
     """Bytes/s this node's peer server sends at most."""
     source_rate: int | None = None
     """Bytes/s this node fetches from registries (back-to-source) at most."""
+    cluster_token: str | None = field(default=None, repr=False)
+    """The cluster's shared secret (:mod:`p2pdist.clusterauth`); None: no cluster auth."""
     # -- the registry proxy (part of the daemon) -----------------------------------------
     proxy_listen: str | None = DEFAULT_PROXY_LISTEN
     """HOST:PORT of the registry pull-through proxy (``None``: no proxy)."""
@@ -272,6 +274,7 @@ _SIMPLE_KEYS = (
     "download_rate",
     "upload_rate",
     "source_rate",
+    "cluster_token_file",
     "proxy_listen",
     "upstream",
     "proxy_tag_ttl",
@@ -331,6 +334,13 @@ def load_node_config(
             values["proxy_listen"] = None  # P2PDIST_PROXY_LISTEN=off: no proxy
         if "upstream" in values:
             values["upstream"] = str(values["upstream"]).rstrip("/") or None
+        token_file = values.pop("cluster_token_file", None)
+        if "P2PDIST_CLUSTER_TOKEN" in env or token_file:
+            from .clusterauth import read_token
+
+            values["cluster_token"] = read_token(
+                value=env.get("P2PDIST_CLUSTER_TOKEN"), file=token_file or None
+            )
         if "schedulers" in values:
             raw_urls = values["schedulers"]
             if isinstance(raw_urls, str):

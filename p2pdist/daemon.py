@@ -37,6 +37,7 @@ import trio
 from scheduler import Announce, HostLoad, RegisterHost
 
 from . import __version__
+from .clusterauth import check_token, token_headers
 from .config import DEFAULT_PROXY_LISTEN, NodeConfig, split_hostport
 from .digest import Digest
 from .errors import InvalidDigest, UsageError
@@ -91,6 +92,7 @@ class _Daemon:
     async def peer(self, request: Request) -> Response:
         if request.path in ("/healthz", "/readyz"):
             return Response.json({"status": "ok"})
+        check_token(request, self.config.cluster_token)
         try:
             parsed = parse_piece_path(request.path)
         except (InvalidDigest, ValueError) as exc:
@@ -400,7 +402,9 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
         if ":" not in advertise.strip("[]") or advertise.startswith("["):
             advertise = f"{advertise}:{bound_port}"
         host_id = _host_id(config, advertise)
-        sched_http = httpx.AsyncClient(trust_env=False, timeout=10.0)
+        sched_http = httpx.AsyncClient(
+            trust_env=False, timeout=10.0, headers=token_headers(config.cluster_token)
+        )
         await nursery.start(_close_on_cancel, sched_http)
         link = None
         if config.schedulers:

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from .clusterauth import token_headers
 from .config import NodeConfig
 from .digest import Digest
 from .errors import DigestMismatch, P2PDistError, PlanConflict, UsageError
@@ -328,7 +329,10 @@ async def open_node(
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     async with (
         httpx.AsyncClient(
-            limits=limits, timeout=httpx.Timeout(30.0, connect=5.0), trust_env=False
+            limits=limits,
+            timeout=httpx.Timeout(30.0, connect=5.0),
+            trust_env=False,
+            headers=token_headers(config.cluster_token),
         ) as peers,
         trio.open_nursery() as nursery,
     ):

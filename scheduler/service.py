@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import NoReturn
 
 import trio
 
+from p2pdist.clusterauth import check_token
 from p2pdist.httpserver import HTTPError, Request, Response, ServerConfig, ServerInfo, serve_http
 
 from ._codec import decode_event, encode
@@ -40,6 +41,8 @@ class SchedulerService:
     scheduler: Scheduler
     started: float = 0.0
     events: int = 0
+    token: str | None = field(default=None, repr=False)
+    """The cluster token events must carry (None: no cluster auth)."""
 
     def now(self) -> float:
         return trio.current_time()
@@ -48,6 +51,7 @@ class SchedulerService:
         if request.path == "/api/v1/events":
             if request.method != "POST":
                 raise HTTPError(405, "use POST", headers=[("Allow", "POST")])
+            check_token(request, self.token)
             body = await request.read_body(MAX_EVENT_BYTES)
             try:
                 event = decode_event(json.loads(body))
@@ -84,10 +88,12 @@ async def serve_scheduler(
     port: int,
     *,
     config: SchedulerConfig | None = None,
+    token: str | None = None,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Run a scheduler on ``host:port`` forever (``port=0``: an ephemeral port)."""
-    service = SchedulerService(Scheduler(config), started=time.monotonic())
+    """Run a scheduler on ``host:port`` forever (``port=0``: an ephemeral port); with
+    ``token``, events must carry it (:mod:`p2pdist.clusterauth`)."""
+    service = SchedulerService(Scheduler(config), started=time.monotonic(), token=token)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(service.tick_forever)
         serve = partial(serve_http, config=ServerConfig(keepalive_timeout=300.0))
@@ -97,13 +103,13 @@ async def serve_scheduler(
     raise AssertionError("unreachable")
 
 
-async def run_scheduler(host: str, port: int) -> NoReturn:
+async def run_scheduler(host: str, port: int, token: str | None = None) -> NoReturn:
     """``p2pdist scheduler``: serve until SIGTERM/SIGINT."""
     import signal
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            info = await nursery.start(partial(serve_scheduler, host, port))
+            info = await nursery.start(partial(serve_scheduler, host, port, token=token))
             print(f"p2pdist scheduler listening on {info.url}", flush=True)
             async for _ in signals:
                 break
