@@ -2,6 +2,7 @@
 
 python -m bench demo                      # generated image through 3 daemons, verified
 python -m bench get-vs-curl --size 1GiB   # p2pdist get vs curl, same blob, same registry
+python -m bench docker-pull               # docker pull: direct vs via node (local, peer)
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp.add_argument(
         "--settle", type=float, default=5.0, help="pause before each timed run, s (default 5)"
     )
+    dpull = sub.add_parser(
+        "docker-pull",
+        help="docker pull through the node's proxy (image local, on a peer) vs direct",
+    )
+    dpull.add_argument("--size", default="256MiB", help="image content size (default 256MiB)")
+    dpull.add_argument("--layers", type=int, default=4)
+    dpull.add_argument("--rounds", type=int, default=3, help="rounds, fresh image each (3)")
+    dpull.add_argument("--piece-size", default=None, help="the daemons' (default: theirs)")
+    dpull.add_argument("--out", default="bench-out", help="directory for docker-pull.json")
+    dpull.add_argument(
+        "--settle", type=float, default=5.0, help="pause before each timed pull, s (default 5)"
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -79,6 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             piece_size=args.piece_size,
             out=args.out,
             settle=args.settle,
+        )
+    if args.command == "docker-pull":
+        from .dockerpull import run_docker_pull
+
+        return run_docker_pull(
+            size=args.size,
+            layers=args.layers,
+            rounds=args.rounds,
+            out=args.out,
+            settle=args.settle,
+            piece_size=args.piece_size,
         )
     return 2
 
