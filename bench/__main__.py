@@ -2,6 +2,7 @@
 
 python -m bench demo                      # generated image through 3 daemons, verified
 python -m bench get-vs-curl --size 1GiB   # p2pdist get vs curl, same blob, same registry
+python -m bench rollout --nodes 8         # root: emulated network, registry vs p2p vs T_min
 python -m bench docker-pull               # docker pull: direct vs via node (local, peer)
 """
 
@@ -58,6 +59,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     dpull.add_argument(
         "--settle", type=float, default=5.0, help="pause before each timed pull, s (default 5)"
     )
+    roll = sub.add_parser(
+        "rollout",
+        help="root: N nodes in network namespaces pull one image at once (vs T_min)",
+    )
+    roll.add_argument("--nodes", type=int, default=8)
+    roll.add_argument("--node-mbit", type=float, default=100.0, help="each node link (100)")
+    roll.add_argument("--origin-mbit", type=float, default=100.0, help="registry link (100)")
+    roll.add_argument("--image-size", default="256MiB", help="image content size (256MiB)")
+    roll.add_argument("--layers", type=int, default=4)
+    roll.add_argument("--layer-format", choices=["gzip", "tar"], default="gzip")
+    roll.add_argument("--piece-size", default=None, help="default: p2pdist's own")
+    roll.add_argument("--mode", choices=["registry", "p2p", "both"], default="both")
+    roll.add_argument(
+        "--client", choices=["get", "pull"], default="get", help="get: p2pdist pull --output"
+    )
+    roll.add_argument("--out", default="rollout-out", help="result.json, report.md, charts")
+    roll.add_argument("--seed", type=int, default=1)
+    roll.add_argument(
+        "--queue-ms", type=float, default=20.0, help="tbf queue of each link, in ms (20)"
+    )
+    roll.add_argument(
+        "--tcp-cc", default="reno", help="TCP congestion control in the namespaces ('host')"
+    )
+    roll.add_argument(
+        "--registry-concurrency",
+        type=int,
+        default=1,
+        help="registry mode: range requests per blob (1: one stream a layer, like docker)",
+    )
+    roll.add_argument(
+        "--cleanup", action="store_true", help="only remove namespaces left by dead runs"
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -103,6 +136,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             settle=args.settle,
             piece_size=args.piece_size,
+        )
+    if args.command == "rollout":
+        from .rollout import rollout_cli
+
+        return rollout_cli(
+            nodes=args.nodes,
+            node_mbit=args.node_mbit,
+            origin_mbit=args.origin_mbit,
+            image_size=args.image_size,
+            layers=args.layers,
+            layer_format=args.layer_format,
+            piece_size=args.piece_size,
+            mode=args.mode,
+            client=args.client,
+            out=args.out,
+            seed=args.seed,
+            queue_ms=args.queue_ms,
+            tcp_cc=args.tcp_cc,
+            registry_concurrency=args.registry_concurrency,
+            cleanup=args.cleanup,
+            argv=sys.argv[1:] if argv is None else argv,
         )
     return 2
 

@@ -10,7 +10,13 @@
 
 The registry runs in its own temporary directory (``reg.root``): ``config.yml``, ``storage/``,
 ``htpasswd`` and ``registry.log`` (its stdout+stderr).  It is terminated (then killed) on exit.
-Only loopback addresses are accepted.
+Only loopback addresses are accepted, except inside a network namespace of your own:
+
+    LocalRegistry(addr="10.77.0.2", port=5000, cmd_prefix=["ip", "netns", "exec", NS],
+                  probe=lambda url: ns.call(answers, url))
+
+(the process runs as ``cmd_prefix + [docker-registry, serve, config]``; ``probe(url)`` says
+whether ``GET url/v2/`` answers, for an address this process cannot reach itself).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -132,10 +138,18 @@ class LocalRegistry:
         startup_timeout: float = 20.0,
         extra_config: Mapping[str, Any] | None = None,
         keep_root: bool = False,
+        cmd_prefix: Sequence[str] = (),
+        probe: Callable[[str], bool] | None = None,
     ) -> None:
         if htpasswd is not None and token is not None:
             raise ValueError("choose one of htpasswd= and token=")
-        _check_loopback(addr)
+        if cmd_prefix:
+            if not port:
+                raise ValueError("port= is required with cmd_prefix= (no free-port probing)")
+        else:
+            _check_loopback(addr)
+        self.cmd_prefix = list(cmd_prefix)
+        self.probe = probe
         self.binary = find_registry_binary(binary)
         self.addr = addr
         self._want_port = port
@@ -186,6 +200,11 @@ class LocalRegistry:
     @property
     def log_path(self) -> Path:
         return self.root / "registry.log"
+
+    @property
+    def pid(self) -> int | None:
+        """The registry process's id (None when not running)."""
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def running(self) -> bool:
@@ -265,7 +284,7 @@ class LocalRegistry:
         self.config_path.write_text(json.dumps(self.config(), indent=2))
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in _stop_process
         self._proc = subprocess.Popen(
-            [self.binary, "serve", str(self.config_path)],
+            [*self.cmd_prefix, self.binary, "serve", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -280,11 +299,15 @@ class LocalRegistry:
                         f"docker-registry exited with status {rc} during start-up "
                         f"(addr {self.host}); its output ends with:\n{self.log_tail()}"
                     )
-                try:
-                    client.get(f"{self.url}/v2/")
-                    return  # any HTTP answer (200, or 401 with auth) means it serves
-                except httpx.TransportError:
-                    pass
+                if self.probe is not None:
+                    if self.probe(self.url):
+                        return
+                else:
+                    try:
+                        client.get(f"{self.url}/v2/")
+                        return  # any HTTP answer (200, or 401 with auth) means it serves
+                    except httpx.TransportError:
+                        pass
                 if time.monotonic() > deadline:
                     raise RegistryStartError(
                         f"docker-registry did not answer GET {self.url}/v2/ within "
