@@ -1190,6 +1190,11 @@ def rollout_cli(
     except Refused as exc:
         print(f"bench rollout: {exc}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        # Set-up failed (a daemon died at start, a namespace could not be made...): what,
+        # in a line; the processes' logs are in OUT/logs.  Everything was cleaned up.
+        print(f"bench rollout: failed: {exc} (logs: {Path(out) / 'logs'})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bench rollout: interrupted; namespaces and processes cleaned up", file=sys.stderr)
         return 130

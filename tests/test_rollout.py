@@ -285,6 +285,33 @@ def test_not_root_exits_2_with_one_line(
     assert not (tmp_path / "out").exists()  # refused before doing anything
 
 
+def test_a_failed_setup_is_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import bench.rollout
+
+    def boom(**kwargs: Any) -> dict[str, Any]:
+        raise RuntimeError("daemon n5 exited early: ImportError")
+
+    monkeypatch.setattr(bench.rollout, "run_rollout", boom)
+    rc = rollout_cli(
+        nodes=2,
+        node_mbit=100,
+        origin_mbit=100,
+        image_size="1MiB",
+        layers=1,
+        layer_format="gzip",
+        piece_size=None,
+        mode="both",
+        client="get",
+        out=str(tmp_path / "out"),
+        seed=1,
+    )
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "failed: daemon n5 exited early" in err[0]
+
+
 def test_local_registry_outside_loopback_needs_a_namespace_prefix_and_port() -> None:
     with pytest.raises(ValueError, match="loopback"):
         LocalRegistry(addr="10.77.0.2", port=5000)
