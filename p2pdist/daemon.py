@@ -30,6 +30,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -55,6 +56,7 @@ from .node import BlobOrigin, Node, open_node
 from .peer import CompressionCache, PieceLocation, parse_piece_path
 from .pieces import piece_size_for
 from .proxy import RegistryProxy, job_size, stream_job, with_upstream_registry
+from .reference import is_valid_registry_host, is_valid_repository
 from .schedclient import SchedulerClient
 
 __all__ = ["DaemonInfo", "open_daemon", "run_daemon"]
@@ -252,6 +254,10 @@ class _Daemon:
         except InvalidDigest as exc:
             raise HTTPError(400, str(exc), body=None) from None
         if want_stats:
+            job = self.node.job(digest)
+            if job is not None:  # a download finishing (its last byte may be out already)
+                with trio.move_on_after(30):
+                    await job.done.wait()
             s = self.node.stats.get(digest)
             if s is None:
                 raise HTTPError(404, f"no download of {digest} on record")
@@ -349,16 +355,22 @@ def _origin(request: Request) -> BlobOrigin:
     insecure = q.get("insecure", ["0"])[0] in ("1", "true")
     try:
         if "url" in q:
+            url = q["url"][0]
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise HTTPError(400, f"invalid url {url[:80]!r}: expected http(s)://HOST/PATH")
             headers = tuple(
                 (name.strip(), value.strip())
                 for name, _, value in (h.partition(":") for h in q.get("header", []))
             )
-            return BlobOrigin(url=q["url"][0], headers=headers, insecure=insecure)
-        return BlobOrigin(
-            registry=q.get("registry", [""])[0] or None,
-            repository=q.get("repository", [""])[0] or None,
-            insecure=insecure,
-        )
+            return BlobOrigin(url=url, headers=headers, insecure=insecure)
+        registry = q.get("registry", [""])[0] or None
+        repository = q.get("repository", [""])[0] or None
+        if registry is not None and not is_valid_registry_host(registry):
+            raise HTTPError(400, f"invalid registry {registry[:80]!r}", code="NAME_INVALID")
+        if repository is not None and not is_valid_repository(repository):
+            raise HTTPError(400, f"invalid repository {repository[:80]!r}", code="NAME_INVALID")
+        return BlobOrigin(registry=registry, repository=repository, insecure=insecure)
     except UsageError as exc:
         raise HTTPError(400, str(exc)) from None
 

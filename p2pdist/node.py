@@ -14,7 +14,9 @@ away does not cancel a download others are waiting for.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +34,7 @@ from .ratelimit import Bandwidth
 from .registry import RegistryClient
 from .source import Source
 from .store import BlobComplete, PieceStore, Task
-from .swarm import SchedulerLink, SwarmStats, swarm_download
+from .swarm import FetchSlots, SchedulerLink, SwarmStats, swarm_download
 from .urlsource import UrlSource, make_http_client
 
 __all__ = ["BlobOrigin", "Job", "Node", "open_node"]
@@ -70,6 +72,10 @@ class Job:
     attempt: int = 0
     """Bumped each time the download starts over (a poisoned hash list): bytes streamed
     from an earlier attempt may not be the blob."""
+    seq: int = 0
+    """Order of arrival on the node: older downloads get piece slots first."""
+    digest_ok: bool = False
+    """The whole blob matched its digest (set before it is synced and moved into place)."""
 
     def notify(self, *_: object) -> None:
         self.changed.set()
@@ -82,12 +88,34 @@ class Job:
         task, plan = self.task, self.plan
         if task is None or plan is None or task.closed:
             return 0
-        n = 0
-        for index in range(plan.count):
-            if not task.is_verified(index):
-                break
-            n = plan.range(index)[1]
-        return n
+        return _prefix(task, plan)
+
+    def open_verified(self) -> tuple[int, int] | None:
+        """``(fd, n)``: an open file whose first ``n`` bytes are verified bytes of this
+        attempt (the complete blob, or the task's data file, duplicated under the task's
+        lock so that it cannot be the next attempt's); None if neither is there now.
+        The caller closes ``fd``."""
+        if self.path is not None and self.plan is not None:
+            try:
+                return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC), self.plan.size
+            except FileNotFoundError:
+                return None
+        task, plan = self.task, self.plan
+        if task is None or plan is None:
+            return None
+        fd = task.dup_data_fd()
+        if fd is None:
+            return None
+        return fd, _prefix(task, plan)
+
+
+def _prefix(task: Task, plan: PiecePlan) -> int:
+    n = 0
+    for index in range(plan.count):
+        if not task.is_verified(index):
+            break
+        n = plan.range(index)[1]
+    return n
 
 
 class Node:
@@ -107,6 +135,8 @@ class Node:
         self.bandwidth = Bandwidth.from_rates(
             download=config.download_rate, upload=config.upload_rate, source=config.source_rate
         )
+        self.fetch_slots = FetchSlots(config.concurrency)
+        self._seq = itertools.count()
         self.nursery = nursery
         self._jobs: dict[Digest, Job] = {}
         self._piece_hashes: dict[Digest, tuple[int, list[str]]] = {}
@@ -219,7 +249,7 @@ class Node:
         """The job that makes ``digest`` complete here: the running one, or a new one."""
         job = self._jobs.get(digest)
         if job is None or (job.done.is_set() and job.error is not None):
-            job = Job(digest)
+            job = Job(digest, seq=next(self._seq))
             self._jobs[digest] = job
             self.nursery.start_soon(self._run, job, origin, size)
         return job
@@ -263,7 +293,14 @@ class Node:
                 job.plan = PiecePlan(path.stat().st_size, self.config.piece_size)
                 return path
             job.task, job.plan, job.attempt = task, task.plan, attempt
+            job.digest_ok = False
             self._tasks[digest] = task
+
+            def verified(job: Job = job) -> None:  # in commit's worker thread
+                job.digest_ok = True
+                trio.from_thread.run_sync(job.notify)
+
+            task.on_verified = verified
             discard = False
             try:
                 # The swarm leases byte ranges of the origin: without Range support the
@@ -279,6 +316,8 @@ class Node:
                     progress=job.notify,
                     accepts_ranges=ranges,
                     bandwidth=self.bandwidth,
+                    fetch_slots=self.fetch_slots,
+                    priority=job.seq,
                 )
                 job.stats = stats
                 self.stats[digest] = stats

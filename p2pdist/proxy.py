@@ -69,6 +69,7 @@ from .config import NodeConfig, RegistryConfig
 from .digest import Digest, sha256_digest
 from .errors import InvalidDigest, ManifestInvalid, NetworkError, UpstreamError
 from .httpserver import (
+    FileChunk,
     HTTPError,
     Request,
     Response,
@@ -104,7 +105,6 @@ __all__ = [
 log = logging.getLogger("p2pdist.proxy")
 
 API_VERSION_HEADER: Final = ("Docker-Distribution-API-Version", "registry/2.0")
-STREAM_CHUNK: Final = 1 << 20
 _STREAM_POLL: Final = 0.25
 _MAX_ERROR_BODY: Final = 64 << 10
 _PING_TIMEOUT: Final = 5.0
@@ -137,11 +137,12 @@ async def job_size(job: Job) -> int:
 
 async def stream_job(
     node: Node, job: Job, size: int, start: int = 0, end: int | None = None
-) -> AsyncIterator[bytes]:
-    """Bytes ``[start, end)`` of the job's blob in order, each as soon as its piece is
-    verified; the range's final byte only after the whole blob matched its digest.  If the
-    download fails the stream stops short (HTTPError), so the client sees a truncated body
-    (or, before the first byte, an error status)."""
+) -> AsyncIterator[bytes | FileChunk]:
+    """Bytes ``[start, end)`` of the job's blob in order, each stretch as soon as its
+    pieces are verified, sent from the file with ``sendfile`` (:class:`FileChunk`); the
+    range's final byte only after the whole blob matched its digest.  If the download
+    fails the stream stops short (HTTPError), so the client sees a truncated body (or,
+    before the first byte, an error status)."""
     stop = size if end is None else end
     sent = start
     attempt = job.attempt
@@ -151,35 +152,26 @@ async def stream_job(
             # over: what was already sent cannot be trusted.  Cut the stream.
             raise HTTPError(502, f"blob {job.digest} failed its digest check; retry")
         changed = job.changed
-        ready = job.verified_prefix()
-        if job.path is None or job.error is not None:
-            # The last byte asked for waits for the whole-blob digest check: a client
-            # never gets a complete body (or range) of a blob that then fails it.
-            ready = min(ready, stop - 1)
-        if ready > sent:
-            upto = min(ready, stop, sent + STREAM_CHUNK)
-            try:
-                chunk = await trio.to_thread.run_sync(_read_job, node, job, sent, upto)
-            except HTTPError:
-                chunk = b""
+        opened = job.open_verified() if job.verified_prefix() > sent else None
+        if opened is not None:
+            fd, ready = opened
             if job.attempt != attempt:
-                # The download started over while we read: the bytes may be the new
-                # attempt's, not yet verified.  Nothing sent yet: follow the new attempt.
-                if sent > start:
-                    raise HTTPError(502, f"blob {job.digest} failed its digest check; retry")
-                attempt = job.attempt
+                # The download started over as we opened it: nothing sent yet, so
+                # follow the new attempt; else the check above cuts the stream.
+                os.close(fd)
+                if sent == start:
+                    attempt = job.attempt
                 continue
-            if not chunk:
-                if job.done.is_set():
-                    raise HTTPError(500, "blob data went away")
-                # The task's data was discarded (a failed digest check) and the next
-                # attempt has not opened yet: wait for it.
-                with trio.move_on_after(_STREAM_POLL):
-                    await changed.wait()
+            if job.path is None and not job.digest_ok:
+                # The last byte asked for waits for the whole-blob digest check: a client
+                # never gets a complete body (or range) of a blob that then fails it.
+                ready = min(ready, stop - 1)
+            upto = min(ready, stop)
+            if upto > sent:
+                yield FileChunk(fd, sent, upto - sent)  # the server sends and closes it
+                sent = upto
                 continue
-            sent += len(chunk)
-            yield chunk
-            continue
+            os.close(fd)
         if job.done.is_set():
             if job.error is not None:
                 raise HTTPError(502, str(job.error))
@@ -191,24 +183,6 @@ async def stream_job(
         # now and then: a stalled upstream must not hold back bytes already verified.
         with trio.move_on_after(_STREAM_POLL):
             await changed.wait()
-
-
-def _read_job(node: Node, job: Job, start: int, end: int) -> bytes:
-    path = job.path or (job.task.data_path if job.task is not None else None)
-    if path is None:
-        raise HTTPError(500, "blob data went away")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        # The task was committed between our check and the open: read the blob.
-        blob = node.store.blob_path(job.digest)
-        if blob is None:
-            raise HTTPError(500, "blob data went away") from None
-        fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.pread(fd, end - start, start)
-    finally:
-        os.close(fd)
 
 
 # -- upstream configuration -----------------------------------------------------------------
@@ -831,7 +805,7 @@ def _gateway_error(exc: NetworkError | UpstreamError) -> HTTPError:
 def _is_oci_error(raw: bytes) -> bool:
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return False
     return isinstance(doc, dict) and isinstance(doc.get("errors"), list)
 
@@ -846,7 +820,7 @@ def _sniff_media_type(data: bytes, header: str) -> str:
         return header
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return header or "application/octet-stream"
     mt = doc.get("mediaType") if isinstance(doc, dict) else None
     if isinstance(mt, str) and mt and "\n" not in mt:

@@ -507,6 +507,9 @@ class Task:
         self._lock_file = lock
         self._dir = store._task_dir(digest)
         self._data_fd: int | None = None
+        self.on_verified: Callable[[], None] | None = None
+        """Called by :meth:`commit` (in its thread) once the whole blob matched its digest,
+        before it is synced and moved into place."""
         self._journal_fd: int | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -975,6 +978,10 @@ class Task:
                 f"blob {self.digest}: content hashes to {self.digest.algorithm}:{got}; "
                 "task data discarded"
             )
+        if self.on_verified is not None:
+            # The bytes are the blob: a reader streaming it may have the last byte now,
+            # before the sync and the rename (which do not change them).
+            self.on_verified()
         dest = store._blob_file(self.digest)
         data_fd = self._data_fd
         assert data_fd is not None
@@ -1001,6 +1008,14 @@ class Task:
         finally:
             self._finish()
         return dest
+
+    def dup_data_fd(self) -> int | None:
+        """A duplicate of the open data file (the caller closes it), or None once the task
+        is closed: the inode stays this task's even if its data is later discarded."""
+        with self._lock:
+            if self._closed or self._data_fd is None:
+                return None
+            return os.dup(self._data_fd)
 
     def close(self) -> None:
         """Release the task (waiting for in-flight writes and reads); idempotent."""

@@ -19,9 +19,12 @@ never fails because the scheduler is down.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -94,6 +97,52 @@ class SwarmStats:
     fallback: bool = False
 
 
+class FetchSlots:
+    """A node's slots for piece fetches from peers, shared by all its downloads and
+    granted to the oldest download first (lowest ``priority``).  Blobs then complete one
+    after another instead of all at once at the end: a runtime that unpacks layers in
+    order (dockerd) starts on the first one sooner, and a streamed blob's last byte
+    leaves sooner.  Fetches from the registry do not take slots."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError("FetchSlots needs at least one slot")
+        self._free = n
+        self._waiters: list[tuple[int, int, trio.Event]] = []
+        self._seq = itertools.count()
+
+    @asynccontextmanager
+    async def slot(self, priority: int) -> AsyncIterator[None]:
+        await self._acquire(priority)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, priority: int) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            await trio.lowlevel.checkpoint()
+            return
+        item = (priority, next(self._seq), trio.Event())
+        heapq.heappush(self._waiters, item)
+        try:
+            await item[2].wait()
+        except BaseException:
+            if item[2].is_set():  # granted as we were cancelled: pass it on
+                self._release()
+            else:
+                self._waiters.remove(item)
+                heapq.heapify(self._waiters)
+            raise
+
+    def _release(self) -> None:
+        if self._waiters:
+            heapq.heappop(self._waiters)[2].set()  # the slot goes straight to the waiter
+        else:
+            self._free += 1
+
+
 class _Swarm:
     def __init__(
         self,
@@ -107,8 +156,12 @@ class _Swarm:
         progress: ProgressFn | None,
         stats: SwarmStats,
         bandwidth: Bandwidth = UNLIMITED,
+        fetch_slots: FetchSlots | None = None,
+        priority: int = 0,
     ) -> None:
         self.bandwidth = bandwidth
+        self.fetch_slots = fetch_slots or FetchSlots(concurrency)
+        self.priority = priority
         self.task = task
         self.plan = task.plan
         self.digest = task.digest
@@ -186,30 +239,8 @@ class _Swarm:
             expected = self.hashes.get(index)
             if expected is None:  # the scheduler never assigns these; be safe anyway
                 return
-            with trio.move_on_after(self.piece_timeout) as scope:
-                try:
-                    data, wire = await fetch_piece(
-                        self.peers,
-                        pp.parent_addr,
-                        self.digest,
-                        index,
-                        self.plan,
-                        throttle=self._throttle_peer,
-                    )
-                    await trio.to_thread.run_sync(self.task.write_piece, index, data, expected)
-                    self.stats.from_peers += len(data)
-                    self.stats.peer_wire += wire
-                    self._record(index, None)
-                except PieceMismatch:
-                    self.stats.bad_pieces += 1
-                    reason = "bad_hash"
-                    log.warning(
-                        "piece %d of %s from %s failed its sha256", index, self.digest, pp.parent_id
-                    )
-                except PeerError as exc:
-                    reason = "refused" if exc.status in (404, 409, 503) else "error"
-            if scope.cancelled_caught:
-                reason = "slow"
+            async with self.fetch_slots.slot(self.priority):
+                reason = await self._fetch_from_parent(pp, expected)
         finally:
             # Free the piece *before* telling the scheduler: its next answer may hand the
             # piece straight back (to another parent, or as a source lease).
@@ -220,6 +251,36 @@ class _Swarm:
             await self.link.report_failure(self.digest, pp.parent_id, index, reason)
         if reason == "bad_hash":
             await report_bad_piece(self.peers, pp.parent_addr, self.digest, index)
+
+    async def _fetch_from_parent(self, pp: PieceSource, expected: str) -> FailureReason | None:
+        """One piece from its parent, verified and stored; why it failed, or None."""
+        index = pp.piece
+        reason: FailureReason | None = None
+        with trio.move_on_after(self.piece_timeout) as scope:
+            try:
+                data, wire = await fetch_piece(
+                    self.peers,
+                    pp.parent_addr,
+                    self.digest,
+                    index,
+                    self.plan,
+                    throttle=self._throttle_peer,
+                )
+                await trio.to_thread.run_sync(self.task.write_piece, index, data, expected)
+                self.stats.from_peers += len(data)
+                self.stats.peer_wire += wire
+                self._record(index, None)
+            except PieceMismatch:
+                self.stats.bad_pieces += 1
+                reason = "bad_hash"
+                log.warning(
+                    "piece %d of %s from %s failed its sha256", index, self.digest, pp.parent_id
+                )
+            except PeerError as exc:
+                reason = "refused" if exc.status in (404, 409, 503) else "error"
+        if scope.cancelled_caught:
+            reason = "slow"
+        return reason
 
     async def _from_source(self, run: list[int]) -> None:
         fetcher = SourceFetcher(
@@ -330,6 +391,8 @@ async def swarm_download(
     progress: ProgressFn | None = None,
     accepts_ranges: bool = True,
     bandwidth: Bandwidth = UNLIMITED,
+    fetch_slots: FetchSlots | None = None,
+    priority: int = 0,
 ) -> tuple[Path, SwarmStats]:
     """Complete ``task`` through the swarm (or from ``source`` alone when ``link`` is
     None or the scheduler is unreachable) and commit it.  Returns the blob's path."""
@@ -348,6 +411,8 @@ async def swarm_download(
             progress=progress,
             stats=stats,
             bandwidth=bandwidth,
+            fetch_slots=fetch_slots,
+            priority=priority,
         )
         try:
             with collapse_groups():

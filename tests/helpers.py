@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import trio
 
 from bench.image import Image
 
-__all__ = ["REGISTRY_MISSING_REASON", "PushedImage", "requires_registry", "skip_without_registry"]
+if TYPE_CHECKING:
+    from p2pdist.digest import Digest
+    from p2pdist.node import Node
+
+__all__ = [
+    "REGISTRY_MISSING_REASON",
+    "PushedImage",
+    "blob_stored",
+    "requires_registry",
+    "skip_without_registry",
+]
 
 REGISTRY_MISSING_REASON = "docker-registry not installed: apt-get install docker-registry"
 
@@ -46,3 +59,14 @@ class PushedImage:
     def reference(self) -> str:
         """``host/repo:tag`` as docker/skopeo would spell it."""
         return f"{self.host}/{self.repo}:{self.tag}"
+
+
+async def blob_stored(node: Node, digest: Digest) -> Path | None:
+    """The blob's path in the node's store once its download (if one is running) has
+    finished.  A streamed blob's last byte leaves as soon as its digest matched, a moment
+    before the blob is synced and moved into the store."""
+    job = node.job(digest)
+    if job is not None:
+        with trio.fail_after(10):
+            await job.done.wait()
+    return node.store.blob_path(digest)

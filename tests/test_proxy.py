@@ -42,7 +42,7 @@ from p2pdist.registry import (
 from scheduler.service import serve_scheduler
 from tests.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.faultproxy import FaultProxy
-from tests.helpers import PushedImage, requires_registry
+from tests.helpers import PushedImage, blob_stored, requires_registry
 
 if TYPE_CHECKING:  # tokenserver needs `cryptography` (the fixture skips without it)
     from tests.tokenserver import TokenRegistry
@@ -160,7 +160,7 @@ async def test_blobs_get_head_range(tmp_path: Path, pushed_image: PushedImage) -
         assert r.headers["content-type"] == "application/octet-stream"
         assert r.headers["content-length"] == str(len(layer))
         assert r.headers["docker-content-digest"] == digest
-        assert info.node.store.blob_path(Digest.parse(digest)) is not None
+        assert await blob_stored(info.node, Digest.parse(digest)) is not None
         # now on the node: from disk, whole or in ranges
         r = await c.get(path, headers={"Range": "bytes=100-199"})
         assert r.status_code == 206 and r.content == layer[100:200]
@@ -365,6 +365,7 @@ async def test_upstream_down_blob_from_a_peer(tmp_path: Path, registry: LocalReg
                 front.stop()
                 r = await cb.get(f"/v2/proxy/peer/blobs/{digest}")
                 assert r.status_code == 200 and r.content == layer
+                await blob_stored(b.node, Digest.parse(digest))
                 stats = b.node.stats[Digest.parse(digest)]
                 assert stats.from_peers == len(layer) and stats.from_source == 0
             nursery.cancel_scope.cancel()
@@ -475,12 +476,12 @@ async def test_skopeo_copies_through_the_proxy(tmp_path: Path, pushed_image: Pus
             check=False,
         )
         assert result.returncode == 0, result.stderr.decode()[-2000:]
+        # the layers went through the node's store
+        for digest in image.layer_digests:
+            assert await blob_stored(info.node, Digest.parse(digest)) is not None
     assert json.loads((dest / "manifest.json").read_bytes()) == json.loads(image.manifest)
     for digest, data in image.blobs().items():
         assert (dest / digest.removeprefix("sha256:")).read_bytes() == data
-    # the layers went through the node's store
-    for digest in image.layer_digests:
-        assert info.node.store.blob_path(Digest.parse(digest)) is not None
 
 
 async def test_tags_list_comes_from_the_upstream(tmp_path: Path, pushed_image: PushedImage) -> None:

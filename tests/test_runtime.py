@@ -42,7 +42,7 @@ from p2pdist.httpserver import FileBody, HTTPError, Request, Response
 from p2pdist.proxy import RegistryProxy
 from tests.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.faultproxy import FaultProxy
-from tests.helpers import requires_registry
+from tests.helpers import blob_stored, requires_registry
 from tests.runtimes import CTR_MISSING_REASON, DOCKER_CLI_MISSING_REASON, Dockerd
 
 pytestmark = [pytest.mark.integration, requires_registry]
@@ -190,11 +190,11 @@ def unique_name() -> str:
     return f"p2pdist-e2e-{secrets.token_hex(4)}"
 
 
-def assert_node_holds_blobs(info: DaemonInfo, image: Image, log: ProxyLog) -> None:
+async def assert_node_holds_blobs(info: DaemonInfo, image: Image, log: ProxyLog) -> None:
     """Every blob complete in the node's store (hashing to its digest), fetched from the
     registry by the node, and sent whole by the proxy."""
     for digest, data in image.blobs().items():
-        path = info.node.store.blob_path(Digest.parse(digest))
+        path = await blob_stored(info.node, Digest.parse(digest))
         assert path is not None, f"{digest} is not complete in the node's store"
         on_disk = path.read_bytes()
         assert len(on_disk) == len(data) and hashlib.sha256(on_disk).hexdigest() == digest[7:]
@@ -263,7 +263,7 @@ async def test_dockerd_pulls_through_the_mirror(
             assert served_manifest(log, f"library/{name}", image.manifest_digest), log.summary()
             # ...and every blob (config and layers) whole; the node fetched each from the
             # registry and holds it complete.
-            assert_node_holds_blobs(info, image, log)
+            await assert_node_holds_blobs(info, image, log)
             # What came through the proxy is a working image: dockerd runs it.
             ran = await trio.to_thread.run_sync(
                 partial(
@@ -359,7 +359,7 @@ async def test_containerd_pulls_through_hosts_toml(
             assert served_manifest(log, repo, image.manifest_digest), log.summary()
             # ...and every blob (config and layers) whole; the node fetched each from the
             # registry and holds it complete.
-            assert_node_holds_blobs(info, image, log)
+            await assert_node_holds_blobs(info, image, log)
         finally:
             await trio.to_thread.run_sync(_ctr_cleanup, dockerd, ref)
 
