@@ -227,6 +227,9 @@ class _Bench:
                 if got != b.size:
                     raise SystemExit(f"bench: warming node A: {b.digest}: {got} of {b.size} bytes")
         for b in rnd.blobs:
+            # the stats answer once the download has finished (the blob's last byte
+            # leaves as soon as its digest matched, a moment before it is in the store)
+            http_json(f"{self.node_a.api_url}/api/v1/blobs/{b.digest}/stats", timeout=60)
             if not self.node_a.blob_file(b.digest).is_file():
                 raise SystemExit(f"bench: warming node A: {b.digest} is not in A's store")
 

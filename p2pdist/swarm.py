@@ -97,6 +97,11 @@ class SwarmStats:
     fallback: bool = False
 
 
+STALL_TIMEOUT = 10.0
+"""Seconds with nothing in flight and nothing arriving before a swarm download fetches a
+piece from the registry on its own (:meth:`_Swarm._unstick`)."""
+
+
 class FetchSlots:
     """A node's slots for piece fetches from peers, shared by all its downloads and
     granted to the oldest download first (lowest ``priority``).  Blobs then complete one
@@ -181,7 +186,7 @@ class _Swarm:
         self.report_wanted = trio.Event()
         self.epoch: int | None = None
         self.last_progress = trio.current_time()
-        self.stall_timeout = 3.0
+        self.stall_timeout = STALL_TIMEOUT
 
     async def _throttle_peer(self, n: int) -> None:
         await self.bandwidth.received(n, from_source=False)
@@ -327,20 +332,22 @@ class _Swarm:
     async def _unstick(self, workers: trio.Nursery) -> int:
         """Liveness: when nothing has arrived for ``stall_timeout`` and the scheduler
         keeps saying "wait" (every holder of what we miss penalised, a lost lease...),
-        fetch a run of missing pieces from the registry ourselves.  Their hashes are
-        published like any source piece; the whole-blob check still has the last word."""
+        fetch one missing piece from the registry ourselves.  Its hash is published like
+        any source piece; the whole-blob check still has the last word.  One piece, not a
+        run: on a slow, shared origin waiting is normal (others hold the leases and are
+        fetching), and every byte fetched around the scheduler is a byte the origin sends
+        twice."""
         if trio.current_time() - self.last_progress < self.stall_timeout:
             return 0
         missing = [i for i in self.task.missing() if i not in self.inflight]
         if not missing:
             return 0
-        run = _runs(missing)[0]
+        run = missing[:1]
         log.info(
-            "no progress on %s for %.0fs: fetching pieces %d-%d from the registry",
+            "no progress on %s for %.0fs: fetching piece %d from the registry",
             self.digest,
             self.stall_timeout,
             run[0],
-            run[-1],
         )
         await self.slots.acquire()
         self.inflight.update(run)

@@ -53,7 +53,9 @@ Failures (``ReportPieceFailure``)
     the task for every host, its record of the piece dropped.  ``error``/``slow``: the
     parent is penalised (``error_penalty`` doubling with each failure in
     ``failure_window``; ``avoid_after_failures`` of them bench it for ``avoid_duration``).
-    ``refused``: the parent was full, a short ``refused_penalty``.  ``parent_id=None``:
+    ``refused``: the parent was full, a short ``refused_penalty``.  A parent benched for
+    ``error``s (peers cannot reach it: perhaps dead) also loses its source leases, so
+    its ranges are re-leased now rather than when it expires.  ``parent_id=None``:
     the registry fetch failed; the lease is released.  Only a failure matching an
     outstanding assignment counts towards the doubling, so repeats are harmless.
 
@@ -335,6 +337,14 @@ class Scheduler:
         if pt.leases.pop(piece, None) is not None:
             task.leases[piece].pop(pt.host.host_id, None)
 
+    def _release_all_leases(self, host: Host) -> None:
+        for digest in host.tasks:
+            task = self._tasks.get(digest)
+            pt = task.peers.get(host.host_id) if task is not None else None
+            if task is not None and pt is not None:
+                for piece in list(pt.leases):
+                    self._release_lease(task, pt, piece)
+
     def _release_inflight(self, task: Task, pt: PeerTask, piece: int) -> None:
         entry = pt.inflight.pop(piece, None)
         if entry is not None:
@@ -461,6 +471,11 @@ class Scheduler:
             pass
         elif ev.reason == "error":
             self._penalise(parent, now, cfg.error_penalty, counted=matched)
+            if matched and len(parent.failures) >= cfg.avoid_after_failures:
+                # Peers cannot reach it: it may be dead, and a dead host's source leases
+                # would hold its ranges back until it expires.  Re-lease them now (if it
+                # is alive after all, those ranges leave the registry twice).
+                self._release_all_leases(parent)
         elif ev.reason == "slow":
             self._penalise(parent, now, cfg.slow_penalty, counted=matched)
         else:  # refused: the parent was full

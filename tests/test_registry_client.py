@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -418,3 +419,37 @@ async def test_url_source_against_registry_blob(pushed_image: PushedImage) -> No
         assert await read_range(src, 0, None) == data
         with pytest.raises(NotFound):
             await UrlSource(client, url[:-4] + "0000", retry=FAST).probe()
+
+
+async def test_lean_range_reader_gives_up_on_a_silent_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that stops sending mid-body without closing (a connection the network
+    dropped): the read times out with a NetworkError (which the caller retries), it
+    does not hang."""
+    from p2pdist.registry import _fastrange
+
+    monkeypatch.setattr(_fastrange, "READ_TIMEOUT", 0.3)
+    stalled = trio.Event()
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(
+            b"HTTP/1.1 206 Partial Content\r\nContent-Length: 100\r\n"
+            b"Content-Range: bytes 0-99/100\r\n\r\n" + b"x" * 40
+        )
+        await stalled.wait()  # never sends the rest, never closes
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        reader = _fastrange.FastRangeReader("127.0.0.1", port)
+        got = 0
+        with trio.fail_after(5), pytest.raises(NetworkError, match="no data for"):
+            async with reader.open("/v2/x/blobs/sha256:0", 0, 100, host_header="x") as chunks:
+                async for chunk in chunks:
+                    got += len(chunk)
+        assert got == 40
+        await reader.aclose()
+        stalled.set()
+        nursery.cancel_scope.cancel()

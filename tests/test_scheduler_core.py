@@ -246,6 +246,32 @@ def test_repeated_failures_bench_the_parent() -> None:
     assert assign(s, "me", t + 101.0).from_peers
 
 
+def test_unreachable_parent_loses_its_source_leases_before_it_expires() -> None:
+    cfg = SchedulerConfig(
+        error_penalty=1.0,
+        avoid_after_failures=3,
+        avoid_duration=100.0,
+        heartbeat_timeout=1e9,
+        lease_timeout=1e9,
+    )
+    s = Scheduler(cfg)
+    for h in ("dies", "me"):
+        join(s, h)
+    run = assign(s, "dies").from_source
+    report_source(s, "dies", run[:3])  # three pieces in, then it becomes unreachable
+    leased = set(run[3:])
+    assert leased
+    t = 0.0
+    for _ in range(3):  # "me" cannot reach it, three times
+        t += 10.0
+        a = assign(s, "me", t, n=1)
+        assert not leased & set(a.from_source)
+        assert a.from_peers and a.from_peers[0].parent_id == "dies", a
+        s.handle(ReportPieceFailure("me", D, "dies", a.from_peers[0].piece, "error"), t)
+    # long before "dies" expires, the rest of its run is leased to someone else
+    assert leased <= set(assign(s, "me", t + 1.0).from_source)
+
+
 def test_parent_dying_releases_leases_and_stops_offering_pieces() -> None:
     s = Scheduler(SchedulerConfig(heartbeat_timeout=10.0))
     for h in ("dies", "b", "c"):

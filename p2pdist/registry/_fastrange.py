@@ -24,6 +24,9 @@ __all__ = ["FastPathUnavailable", "FastRangeReader"]
 
 _HEAD_LIMIT = 64 * 1024
 _BUF = 1 << 20
+READ_TIMEOUT = 60.0
+"""Seconds without a byte before a request is given up (as httpx's read timeout): a
+server that dropped the connection without a FIN or RST must not hang the download."""
 _STATUS = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: [^\r\n]*)?")
 _FRAMING = frozenset({"content-length", "content-range", "transfer-encoding", "connection"})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -75,11 +78,16 @@ class FastRangeReader:
                 "User-Agent: p2pdist\r\n\r\n"
             ).encode("latin-1")
             try:
-                await stream.send_all(request)
-                head, rest = await _read_head(stream)
+                with trio.fail_after(READ_TIMEOUT):
+                    await stream.send_all(request)
+                    head, rest = await _read_head(stream)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 # A pooled connection the server closed meanwhile: the general path retries.
                 raise FastPathUnavailable() from exc
+            except trio.TooSlowError:
+                raise NetworkError(
+                    f"{self.host}:{self.port}: no answer for {READ_TIMEOUT:.0f}s"
+                ) from None
             status, headers = _parse_head(head)
             want = end - start
             cr = _CONTENT_RANGE.fullmatch(headers.get("content-range", ""))
@@ -156,9 +164,14 @@ class _Body:
         sock = self._stream.socket
         while got < want:
             try:
-                n = await sock.recv_into(view, min(_BUF, want - got))
+                with trio.fail_after(READ_TIMEOUT):
+                    n = await sock.recv_into(view, min(_BUF, want - got))
             except OSError as exc:
                 raise NetworkError(f"connection broken after {got} of {want} bytes") from exc
+            except trio.TooSlowError:
+                raise NetworkError(
+                    f"no data for {READ_TIMEOUT:.0f}s after {got} of {want} bytes"
+                ) from None
             if n == 0:
                 raise NetworkError(f"connection closed after {got} of {want} bytes")
             got += n
