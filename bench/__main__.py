@@ -4,6 +4,7 @@ python -m bench demo                      # generated image through 3 daemons, v
 python -m bench get-vs-curl --size 1GiB   # p2pdist get vs curl, same blob, same registry
 python -m bench rollout --nodes 8         # root: emulated network, registry vs p2p vs T_min
 python -m bench docker-pull               # docker pull: direct vs via node (local, peer)
+python -m bench memory --size 1GiB        # daemons' RSS while 9 nodes share a 1 GiB blob
 """
 
 from __future__ import annotations
@@ -91,6 +92,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     roll.add_argument(
         "--cleanup", action="store_true", help="only remove namespaces left by dead runs"
     )
+    mem = sub.add_parser(
+        "memory",
+        help="every daemon's RSS while node 0 downloads a blob and 8 peers fetch it from it",
+    )
+    mem.add_argument("--size", default="1GiB", help="blob size (default 1GiB)")
+    mem.add_argument("--nodes", type=int, default=9, help="daemons, node 0 included (9)")
+    mem.add_argument("--piece-size", default=None, help="the daemons' (default: theirs)")
+    mem.add_argument(
+        "--content",
+        choices=["random", "text"],
+        default="random",
+        help="random: incompressible (gzip layers); text: pieces go zstd-compressed",
+    )
+    mem.add_argument("--interval", type=float, default=0.1, help="RSS sampling period, s")
+    mem.add_argument("--out", default="bench-out/memory", help="directory for result.json")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -137,6 +153,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             settle=args.settle,
             piece_size=args.piece_size,
         )
+    if args.command == "memory":
+        from p2pdist.config import parse_size
+
+        from .memory import LIMIT, run_memory
+        from .tools import ensure_registry_installed
+
+        if not ensure_registry_installed():
+            return 2
+        result = run_memory(
+            size=parse_size(args.size),
+            nodes=args.nodes,
+            piece_size=args.piece_size,
+            content=args.content,
+            interval=args.interval,
+            out=Path(args.out),
+        )
+        return 0 if result.max_hwm <= LIMIT else 1
     if args.command == "rollout":
         from .rollout import rollout_cli
 

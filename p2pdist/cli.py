@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import traceback
@@ -27,7 +28,13 @@ __all__ = ["main"]
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        # One line, like every other error: "p2pdist: error: ..." (which subcommand's
+        # --help to read is named at the end).
+        self.exit(EXIT_USAGE, f"p2pdist: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -44,6 +51,25 @@ def _digest(text: str) -> Digest:
         return Digest.parse(text)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _platform(text: str) -> str:
+    from .registry import parse_platform
+
+    try:
+        parse_platform(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _daemon_url(text: str) -> str:
+    """``--daemon``/``$P2PDIST_DAEMON``: an http(s) base URL ("" = unset: standalone)."""
+    if text and re.fullmatch(r"https?://[^\s/?#@]+/?", text) is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid daemon URL {text[:80]!r}: expected http://HOST:PORT"
+        )
+    return text
 
 
 def _positive(text: str) -> int:
@@ -72,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("target", help="REGISTRY/REPO@sha256:HEX, REGISTRY/REPO[:TAG] or a URL")
     get.add_argument("-O", "--output", required=True, help="output file ('-' for stdout)")
     get.add_argument("--manifest", action="store_true", help="fetch the manifest of an image")
-    get.add_argument("--platform", help="with --manifest: resolve an index to os/arch[/variant]")
+    get.add_argument(
+        "--platform", type=_platform, help="with --manifest: resolve an index to os/arch[/variant]"
+    )
     get.add_argument("--digest", type=_digest, help="expected sha256 of a URL's content")
     get.add_argument(
         "-H",
@@ -92,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument(
         "--daemon",
         default=os.environ.get("P2PDIST_DAEMON"),
+        type=_daemon_url,
         help="local daemon API URL (default $P2PDIST_DAEMON); standalone when unset",
     )
 
@@ -105,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull.add_argument("image", help="[REGISTRY/]REPO[:TAG|@DIGEST]")
     pull.add_argument("--output", help="write an OCI image layout to this directory instead")
-    pull.add_argument("--platform", help="os/arch[/variant] to pick from an index")
+    pull.add_argument("--platform", type=_platform, help="os/arch[/variant] to pick from an index")
     pull.add_argument(
         "--docker-host",
         help="Docker engine (default $DOCKER_HOST, else unix:///var/run/docker.sock)",
@@ -120,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument(
         "--daemon",
         default=os.environ.get("P2PDIST_DAEMON"),
+        type=_daemon_url,
         help="local daemon API URL (default $P2PDIST_DAEMON); standalone when unset",
     )
 
@@ -409,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_import(args)
         return 0
     except P2PDistError as exc:
-        print(f"p2pdist: error: {exc}", file=sys.stderr)
+        print(f"p2pdist: error: {_one_line(str(exc))}", file=sys.stderr)
         if os.environ.get("P2PDIST_DEBUG"):
             traceback.print_exc()
         return exc.exit_code
@@ -418,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a bug: still one line, the traceback on request
         print(
-            f"p2pdist: internal error: {type(exc).__name__}: {exc} "
+            f"p2pdist: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
             "(set P2PDIST_DEBUG=1 for the traceback)",
             file=sys.stderr,
         )

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .pieces import DEFAULT_PIECE_SIZE, MIN_PIECE_SIZE
+from .pieces import DEFAULT_PIECE_SIZE, MAX_PIECE_SIZE, MIN_PIECE_SIZE
 
 __all__ = [
     "DEFAULT_PROXY_LISTEN",
@@ -220,8 +220,10 @@ class NodeConfig:
         return reg
 
     def validate(self) -> NodeConfig:
-        if self.piece_size < MIN_PIECE_SIZE:
-            raise ConfigError(f"piece_size must be at least {MIN_PIECE_SIZE} bytes")
+        if not MIN_PIECE_SIZE <= self.piece_size <= MAX_PIECE_SIZE:
+            raise ConfigError(
+                f"piece_size must be between {MIN_PIECE_SIZE} and {MAX_PIECE_SIZE} bytes"
+            )
         if not 1 <= self.concurrency <= 256:
             raise ConfigError("concurrency must be between 1 and 256")
         if re.fullmatch(r"[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?", self.platform) is None:
@@ -235,6 +237,8 @@ class NodeConfig:
             split_hostport(self.proxy_listen, what="proxy_listen")
         if self.upstream is not None and not re.fullmatch(r"https?://[^\s/?#@]+", self.upstream):
             raise ConfigError(f"invalid upstream {self.upstream!r}: expected http(s)://host[:port]")
+        if not 0 < self.piece_timeout <= 3600:
+            raise ConfigError("piece_timeout must be more than 0 and at most 3600 seconds")
         if not 0 <= self.proxy_tag_ttl <= 86400:
             raise ConfigError("proxy_tag_ttl must be between 0 and 86400 seconds")
         if not 1 <= self.upload_slots <= 1024:
@@ -253,8 +257,53 @@ def _registries_from(table: Any) -> dict[str, RegistryConfig]:
         unknown = set(values) - allowed
         if unknown:
             raise ConfigError(f"[registries.{host!r}]: unknown keys {sorted(unknown)}")
+        for key, value in values.items():
+            # `insecure = "false"` must not turn TLS checks off (a string is truthy).
+            want: type = bool if key == "insecure" else str
+            if not isinstance(value, want):
+                raise ConfigError(
+                    f"[registries.{host!r}] {key}: expected {_TOML_TYPE_NAMES[want]}, "
+                    f"got {_toml_type(value)}"
+                )
         out[host] = RegistryConfig(host=host, **values)
     return out
+
+
+_TOML_TYPE_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "a list of strings",
+}
+# What each top-level key of the file may hold (TOML's own types; env and flags are text).
+_FILE_TYPES: dict[str, tuple[type, ...]] = {
+    "piece_size": (str, int),
+    "concurrency": (int,),
+    "upload_slots": (int,),
+    "piece_timeout": (int, float),
+    "proxy_tag_ttl": (int, float),
+    "download_rate": (str, int),
+    "upload_rate": (str, int),
+    "source_rate": (str, int),
+    "schedulers": (list, str),
+}
+
+
+def _toml_type(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def _check_file_type(key: str, value: Any, path: str | Path) -> None:
+    want = _FILE_TYPES.get(key, (str,))
+    ok = isinstance(value, want) and not (isinstance(value, bool) and bool not in want)
+    if ok and isinstance(value, list):
+        ok = all(isinstance(v, str) for v in value)
+    if not ok:
+        names = " or ".join(_TOML_TYPE_NAMES[t] for t in want)
+        raise ConfigError(f"{path}: {key}: expected {names}, got {_toml_type(value)}")
 
 
 _SIMPLE_KEYS = (
@@ -299,12 +348,13 @@ def load_node_config(
                 raw = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} not found") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
         for key, value in raw.items():
             if key == "registries":
                 values["registries"] = _registries_from(value)
             elif key in _SIMPLE_KEYS:
+                _check_file_type(key, value, path)
                 values[key] = value
             else:
                 raise ConfigError(f"{path}: unknown key {key!r}")

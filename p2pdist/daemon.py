@@ -49,6 +49,7 @@ from .httpserver import (
     Response,
     ServerConfig,
     file_response,
+    raise_open_file_limit,
     serve_http,
     serve_http_listeners,
 )
@@ -510,6 +511,7 @@ async def _close_on_cancel(
 
 async def run_daemon(config: NodeConfig) -> NoReturn:
     """Run until SIGTERM/SIGINT; leave the swarm cleanly."""
+    raise_open_file_limit()  # three servers of up to 1024 connections each, and the store
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with open_daemon(config) as info:
             print(

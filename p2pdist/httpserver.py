@@ -103,6 +103,7 @@ __all__ = [
     "ServerInfo",
     "content_range",
     "parse_range",
+    "raise_open_file_limit",
     "serve_http",
     "serve_http_listeners",
 ]
@@ -556,6 +557,29 @@ class ServerConfig:
 
 
 # --------------------------------------------------------------------------- serving
+
+
+def raise_open_file_limit(want: int = 1 << 16) -> int:
+    """Lift this process's soft ``RLIMIT_NOFILE`` towards ``want`` (at most the hard
+    limit), as Go programs do at start; returns the soft limit now in force.
+
+    Every connection is a descriptor: a server with the default ``max_connections``
+    (1024) alone needs more than the soft limit of 1024 that systemd and most shells give,
+    and when descriptors run out everything else the process does (files, outgoing
+    connections) fails with ``EMFILE`` too.  Call it once from a long-running server's
+    entry point (not from a library or a test)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open file limit from %d: %s", soft, exc)
+            return soft
+        return target
+    return soft
 
 
 async def serve_http(

@@ -159,8 +159,9 @@ class _TarArchive(_Archive):
         self.what = str(path)
         try:
             self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by close())
-        except tarfile.TarError as exc:
-            raise UsageError(f"{path}: not a tar archive or OCI layout ({exc})") from None
+        except tarfile.TarError:
+            # tarfile's message lists every compression it tried, one per line: leave it out.
+            raise UsageError(f"{path}: not a tar archive or OCI layout") from None
         except OSError as exc:
             raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
         self._members: dict[str, tarfile.TarInfo] = {}
@@ -254,7 +255,7 @@ def _open_archive(path: Path) -> _Archive:
 def _json(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         raise UsageError(f"{what}: not valid JSON") from None
 
 

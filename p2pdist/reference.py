@@ -16,6 +16,7 @@ from .errors import InvalidReference
 __all__ = [
     "DOCKER_HUB",
     "Reference",
+    "is_valid_registry_host",
     "is_valid_repository",
     "is_valid_tag",
     "parse_reference",
@@ -40,6 +41,14 @@ def is_valid_repository(name: str) -> bool:
 
 def is_valid_tag(tag: str) -> bool:
     return _TAG.fullmatch(tag) is not None
+
+
+def is_valid_registry_host(host: str) -> bool:
+    """``registry.example``, ``127.0.0.1:5000``, ``[::1]:5000``: a host[:port] to ask."""
+    if _DOMAIN.fullmatch(host) is None:
+        return False
+    port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
+    return not (port.isdigit() and int(port) > 65535)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +94,8 @@ def parse_reference(text: str, *, default_tag: str | None = "latest") -> Referen
     registry = DOCKER_HUB
     first, slash, remainder = rest.partition("/")
     if slash and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
-        if _DOMAIN.fullmatch(first) is None:
-            raise InvalidReference(f"invalid registry host {first!r} in {text[:80]!r}")
+        if not is_valid_registry_host(first):
+            raise InvalidReference(f"invalid registry host {first[:80]!r} in {text[:80]!r}")
         registry, rest = first, remainder
     tag: str | None = None
     last_slash = rest.rfind("/")

@@ -8,6 +8,7 @@ a :class:`ValueError` (the service answers 400).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ _ANSWERS: dict[str, type[Any]] = {
     cls.__name__: cls for cls in (ev.Ack, ev.Unknown, ev.Rejected, ev.Assignment)
 }
 _MAX_LIST = 1 << 20
+_MAX_INT = (1 << 63) - 1  # sizes, indices, counts: anything larger is not a real one
 
 
 def encode(obj: Any) -> dict[str, Any]:
@@ -125,14 +127,20 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(typing.cast(type[Any], tp), value, where)
     if tp is int:
-        if isinstance(value, str) and value.isdigit() and len(value) < 12:
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 12:
             return int(value)  # JSON object keys
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{where}: expected an integer")
+        if not -_MAX_INT <= value <= _MAX_INT:
+            raise ValueError(f"{where}: integer out of range")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: expected a number")
+        if isinstance(value, int) and not -_MAX_INT <= value <= _MAX_INT:
+            raise ValueError(f"{where}: number out of range")  # float() would overflow
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str) or len(value) > 4096:

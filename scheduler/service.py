@@ -23,7 +23,15 @@ from typing import NoReturn
 import trio
 
 from p2pdist.clusterauth import check_token
-from p2pdist.httpserver import HTTPError, Request, Response, ServerConfig, ServerInfo, serve_http
+from p2pdist.httpserver import (
+    HTTPError,
+    Request,
+    Response,
+    ServerConfig,
+    ServerInfo,
+    raise_open_file_limit,
+    serve_http,
+)
 
 from ._codec import decode_event, encode
 from ._config import SchedulerConfig
@@ -55,8 +63,8 @@ class SchedulerService:
             body = await request.read_body(MAX_EVENT_BYTES)
             try:
                 event = decode_event(json.loads(body))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise HTTPError(400, f"invalid event: {exc}") from None
+            except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nesting
+                raise HTTPError(400, f"invalid event: {str(exc)[:200]}") from None
             self.events += 1
             answer = self.scheduler.handle(event, self.now())
             return Response.json(encode(answer))
@@ -107,6 +115,7 @@ async def run_scheduler(host: str, port: int, token: str | None = None) -> NoRet
     """``p2pdist scheduler``: serve until SIGTERM/SIGINT."""
     import signal
 
+    raise_open_file_limit()  # up to 1024 daemons connected at once, and then some
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             info = await nursery.start(partial(serve_scheduler, host, port, token=token))

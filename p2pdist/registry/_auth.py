@@ -218,7 +218,7 @@ def parse_token_response(data: bytes, *, default_expires_in: float = 60.0) -> tu
     """A token endpoint's JSON → ``(token, expires_in seconds)``.  ValueError if unusable."""
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         raise ValueError("token response is not JSON") from None
     if not isinstance(doc, dict):
         raise ValueError("token response is not a JSON object")

@@ -247,7 +247,7 @@ def _sniff_media_type(data: bytes, header: str) -> str:
         return header
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return header
     mt = doc.get("mediaType") if isinstance(doc, dict) else None
     if isinstance(mt, str):

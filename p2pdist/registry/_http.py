@@ -155,7 +155,7 @@ def error_code(body: bytes) -> str:
     try:
         doc = json.loads(body)
         code = doc["errors"][0]["code"]
-    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         return ""
     if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
         return code

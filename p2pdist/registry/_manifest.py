@@ -241,7 +241,7 @@ def parse_manifest(
         raise _bad(f"{len(data)} bytes is over the {MAX_MANIFEST_SIZE}-byte limit")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nesting
         raise _bad(f"not JSON ({type(exc).__name__})") from None
     if not isinstance(doc, dict):
         raise _bad("top level is not an object")
