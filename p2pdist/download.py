@@ -187,7 +187,7 @@ class SourceFetcher:
         self.stats = stats if stats is not None else DownloadStats(size=sink.plan.size)
         # Bound the piece buffers waiting for (or in) a worker thread: memory stays at
         # about 2 × concurrency × piece size at most whatever the network and disk do.
-        self.buffers = trio.Semaphore(max(2, concurrency + 2))
+        self.buffers = trio.Semaphore(max(2, concurrency + 1))
         self.threads = trio.CapacityLimiter(max(2, min(concurrency, os.cpu_count() or 2)))
         self.pool = _BufferPool(self.plan.piece_size, limit=2 * max(2, concurrency) + 2)
         self.stored = 0

@@ -29,6 +29,7 @@ from .config import NodeConfig
 from .digest import Digest
 from .errors import DigestMismatch, P2PDistError, PlanConflict, UsageError
 from .peer import PieceLocation
+from .peerclient import PeerConnections
 from .pieces import PiecePlan, piece_size_for
 from .ratelimit import Bandwidth
 from .registry import RegistryClient
@@ -136,6 +137,7 @@ class Node:
             download=config.download_rate, upload=config.upload_rate, source=config.source_rate
         )
         self.fetch_slots = FetchSlots(config.concurrency)
+        self.peer_conns = PeerConnections(token_headers(config.cluster_token))
         self._seq = itertools.count()
         self.nursery = nursery
         self._jobs: dict[Digest, Job] = {}
@@ -318,6 +320,7 @@ class Node:
                     bandwidth=self.bandwidth,
                     fetch_slots=self.fetch_slots,
                     priority=job.seq,
+                    peer_conns=self.peer_conns,
                 )
                 job.stats = stats
                 self.stats[digest] = stats
@@ -355,6 +358,7 @@ class Node:
             return None
 
     async def aclose(self) -> None:
+        await self.peer_conns.aclose()
         await self._exit.aclose()
         self._registries.clear()
         self._urls.clear()

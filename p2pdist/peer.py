@@ -29,6 +29,7 @@ import zstandard
 
 from .digest import Digest
 from .errors import NetworkError
+from .peerclient import PeerConnections
 from .pieces import PiecePlan
 
 __all__ = [
@@ -89,7 +90,7 @@ class CompressionCache:
     """Compressed pieces, or the verdict that a piece does not compress, for the pieces
     most recently asked for: a piece usually goes to several children in a row."""
 
-    def __init__(self, max_bytes: int = 64 << 20, max_items: int = 4096) -> None:
+    def __init__(self, max_bytes: int = 16 << 20, max_items: int = 4096) -> None:
         self._max = max_bytes
         self._max_items = max_items
         self._used = 0
@@ -102,15 +103,23 @@ class CompressionCache:
                 old = self._items.pop(key)
                 self._used -= len(old) if old else 0
 
-    def get_or_compress(self, key: tuple[str, int, int], read: Callable[[], bytes]) -> bytes | None:
-        """The zstd frame for the piece, or None when it is not worth compressing.
-        Blocking: call it in a worker thread."""
+    def get_or_compress(
+        self,
+        key: tuple[str, int, int],
+        read: Callable[[], bytes],
+        sample: Callable[[], bytes] | None = None,
+    ) -> bytes | None:
+        """The zstd frame for the piece, or None when it is not worth compressing
+        (``sample``, the piece's first bytes, decides that before the whole piece is
+        read).  Blocking: call it in a worker thread."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        data = read()
-        result = compress_if_worth_it(data)
+        if sample is not None and not worth_compressing(sample()):
+            result = None
+        else:
+            result = compress_if_worth_it(read())
         with self._lock:
             self._items[key] = result
             self._used += len(result) if result else 0
@@ -120,15 +129,21 @@ class CompressionCache:
         return result
 
 
+def worth_compressing(sample: bytes) -> bool:
+    """Whether a piece that starts with ``sample`` (its first 64 KiB) may compress by
+    at least 10%."""
+    if len(sample) < 4096:
+        return False
+    cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return len(cctx.compress(sample[:_SAMPLE])) <= _WORTH_IT * len(sample[:_SAMPLE])
+
+
 def compress_if_worth_it(data: bytes) -> bytes | None:
     """zstd-compress ``data`` when that saves at least 10%; a 64 KiB sample decides first,
     so incompressible (gzip) pieces cost almost nothing."""
-    if len(data) < 4096:
+    if not worth_compressing(data[:_SAMPLE]):
         return None
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    sample = data[:_SAMPLE]
-    if len(cctx.compress(sample)) > _WORTH_IT * len(sample):
-        return None
     frame = cctx.compress(data)
     return frame if len(frame) <= _WORTH_IT * len(data) else None
 
@@ -153,7 +168,7 @@ def decompress_piece(frame: bytes | bytearray | memoryview, length: int) -> byte
 
 
 async def fetch_piece(
-    client: httpx.AsyncClient,
+    conns: PeerConnections,
     parent_addr: str,
     digest: Digest,
     index: int,
@@ -167,40 +182,24 @@ async def fetch_piece(
     The bytes are NOT verified here: the caller checks them against the piece-hash list
     (``Task.write_piece(..., expected_sha256=...)``) before anything else sees them."""
     length = plan.length(index)
-    url = piece_url(parent_addr, digest, index, plan.piece_size)
-    headers = {"Accept-Encoding": "zstd, identity" if accept_zstd else "identity"}
+    path = f"{PIECE_PATH.format(digest=digest, index=index)}?piece_size={plan.piece_size}"
+    limit = length + length // 8 + 1024 if accept_zstd else length
     try:
-        async with client.stream("GET", url, headers=headers) as resp:
-            if resp.status_code != 200:
-                raise PeerError(
-                    f"parent {parent_addr} answered {resp.status_code} for piece {index}",
-                    status=resp.status_code,
-                )
-            encoding = resp.headers.get("content-encoding", "identity").lower()
-            if encoding not in ("identity", "zstd"):
-                raise PeerError(f"parent {parent_addr} sent unknown encoding {encoding!r}")
-            limit = length if encoding == "identity" else length + length // 8 + 1024
-            # Filled in place: one copy per byte (growing a bytearray and then copying it
-            # out cost two more, measured).
-            buf = bytearray(limit)
-            view = memoryview(buf)
-            wire = 0
-            async for chunk in resp.aiter_raw():
-                end = wire + len(chunk)
-                if end > limit:
-                    raise PeerError(f"parent {parent_addr} sent more than piece {index} holds")
-                view[wire:end] = chunk
-                wire = end
-                if throttle is not None:
-                    await throttle(len(chunk))
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise PeerError(f"parent {parent_addr}: {type(exc).__name__}") from None
-    if encoding == "zstd":
-        data = await trio.to_thread.run_sync(decompress_piece, view[:wire], length)
+        resp = await conns.get(
+            parent_addr, path, accept_zstd=accept_zstd, limit=limit, throttle=throttle
+        )
+    except NetworkError as exc:
+        status = getattr(exc, "status", None)
+        raise PeerError(f"parent {parent_addr}: {exc}", status=status) from None
+    wire = resp.length
+    if resp.encoding == "zstd" and accept_zstd:
+        data = await trio.to_thread.run_sync(decompress_piece, resp.buf, length)
         return data, wire
-    if wire != length:
+    if resp.encoding not in ("identity", "zstd"):
+        raise PeerError(f"parent {parent_addr} sent unknown encoding {resp.encoding!r}")
+    if resp.encoding != "identity" or wire != length:
         raise PeerError(f"parent {parent_addr} sent {wire} bytes of piece {index}, not {length}")
-    return buf, wire
+    return resp.buf, wire
 
 
 async def report_bad_piece(

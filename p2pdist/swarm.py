@@ -38,6 +38,7 @@ from .digest import Digest
 from .download import DownloadStats, ProgressFn, SourceFetcher, download
 from .errors import DigestMismatch, NetworkError, PieceMismatch, PlanConflict, collapse_groups
 from .peer import PeerError, fetch_piece, report_bad_piece
+from .peerclient import PeerConnections
 from .ratelimit import UNLIMITED, Bandwidth
 from .source import Source, SourceInfo
 
@@ -103,11 +104,12 @@ piece from the registry on its own (:meth:`_Swarm._unstick`)."""
 
 
 class FetchSlots:
-    """A node's slots for piece fetches from peers, shared by all its downloads and
-    granted to the oldest download first (lowest ``priority``).  Blobs then complete one
-    after another instead of all at once at the end: a runtime that unpacks layers in
-    order (dockerd) starts on the first one sooner, and a streamed blob's last byte
-    leaves sooner.  Fetches from the registry do not take slots."""
+    """A node's slots for piece fetches (a piece from a peer, or a run of pieces from the
+    registry), shared by all its downloads and granted to the oldest download first
+    (lowest ``priority``).  Blobs then complete one after another instead of all at once
+    at the end: a runtime that unpacks layers in order (dockerd) starts on the first one
+    sooner, and a streamed blob's last byte leaves sooner.  And the piece buffers in
+    memory are bounded per node, not per download."""
 
     def __init__(self, n: int) -> None:
         if n < 1:
@@ -163,8 +165,10 @@ class _Swarm:
         bandwidth: Bandwidth = UNLIMITED,
         fetch_slots: FetchSlots | None = None,
         priority: int = 0,
+        peer_conns: PeerConnections | None = None,
     ) -> None:
         self.bandwidth = bandwidth
+        self.peer_conns = peer_conns or PeerConnections()
         self.fetch_slots = fetch_slots or FetchSlots(concurrency)
         self.priority = priority
         self.task = task
@@ -264,7 +268,7 @@ class _Swarm:
         with trio.move_on_after(self.piece_timeout) as scope:
             try:
                 data, wire = await fetch_piece(
-                    self.peers,
+                    self.peer_conns,
                     pp.parent_addr,
                     self.digest,
                     index,
@@ -296,7 +300,8 @@ class _Swarm:
             throttle=self._throttle_source,
         )
         try:
-            await fetcher.fetch_spans([run])
+            async with self.fetch_slots.slot(self.priority):
+                await fetcher.fetch_spans([run])
         finally:
             self.stats.from_source += fetcher.stats.received
             for index in run:
@@ -400,6 +405,7 @@ async def swarm_download(
     bandwidth: Bandwidth = UNLIMITED,
     fetch_slots: FetchSlots | None = None,
     priority: int = 0,
+    peer_conns: PeerConnections | None = None,
 ) -> tuple[Path, SwarmStats]:
     """Complete ``task`` through the swarm (or from ``source`` alone when ``link`` is
     None or the scheduler is unreachable) and commit it.  Returns the blob's path."""
@@ -420,6 +426,7 @@ async def swarm_download(
             bandwidth=bandwidth,
             fetch_slots=fetch_slots,
             priority=priority,
+            peer_conns=peer_conns,
         )
         try:
             with collapse_groups():

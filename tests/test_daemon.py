@@ -18,6 +18,7 @@ from p2pdist.config import NodeConfig
 from p2pdist.daemon import DaemonInfo, open_daemon
 from p2pdist.digest import Digest
 from p2pdist.peer import PeerError, compress_if_worth_it, decompress_piece, fetch_piece
+from p2pdist.peerclient import PeerConnections
 from p2pdist.pieces import PiecePlan
 from p2pdist.store import PieceStore
 
@@ -59,12 +60,16 @@ async def test_peer_serves_verified_pieces_and_refuses_unknown(
     digest = _put_blob(tmp_path / "data", data)
     plan = PiecePlan(len(data), PIECE)
     addr = daemon.peer_url.removeprefix("http://")
+    conns = PeerConnections()
     async with httpx.AsyncClient() as client:
-        for i in (0, 3, plan.count - 1):
-            got, wire = await fetch_piece(client, addr, digest, i, plan)
+        for i in (0, 3, plan.count - 1, 0):  # the last over a pooled connection
+            got, wire = await fetch_piece(conns, addr, digest, i, plan)
             assert got == data[slice(*plan.range(i))]
             assert wire == len(got)  # random bytes: sent raw
         other = Digest("sha256", "0" * 64)
+        with pytest.raises(PeerError, match="answered 404") as exc:
+            await fetch_piece(conns, addr, other, 0, plan)
+        assert exc.value.status == 404
         r = await client.get(f"{daemon.peer_url}/peer/v1/blobs/{other}/pieces/0?piece_size={PIECE}")
         assert r.status_code == 404
         r = await client.get(f"{daemon.peer_url}/peer/v1/blobs/sha256:xyz/pieces/0?piece_size=1")
@@ -81,12 +86,13 @@ async def test_peer_sends_compressible_pieces_with_zstd(tmp_path: Path, daemon: 
     digest = _put_blob(tmp_path / "data", data)
     plan = PiecePlan(len(data), PIECE)
     addr = daemon.peer_url.removeprefix("http://")
-    async with httpx.AsyncClient() as client:
-        got, wire = await fetch_piece(client, addr, digest, 1, plan)
-        assert got == data[slice(*plan.range(1))]
-        assert wire < len(got) // 4
-        got, wire = await fetch_piece(client, addr, digest, 1, plan, accept_zstd=False)
-        assert got == data[slice(*plan.range(1))] and wire == len(got)
+    conns = PeerConnections()
+    got, wire = await fetch_piece(conns, addr, digest, 1, plan)
+    assert got == data[slice(*plan.range(1))]
+    assert wire < len(got) // 4
+    got, wire = await fetch_piece(conns, addr, digest, 1, plan, accept_zstd=False)
+    assert got == data[slice(*plan.range(1))] and wire == len(got)
+    await conns.aclose()
 
 
 async def test_peer_serves_blob_ranges(tmp_path: Path, daemon: DaemonInfo) -> None:

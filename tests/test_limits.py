@@ -44,6 +44,7 @@ from p2pdist.httpserver import ServerConfig
 from p2pdist.store import PieceStore
 from scheduler.service import serve_scheduler
 from tests.faultproxy import FaultProxy
+from tests.helpers import blob_stored
 
 PIECE = 256 * 1024
 NO_DOCKER_CONFIG = Path("/nonexistent/p2pdist-test/config.json")
@@ -476,6 +477,7 @@ async def test_proxy_holds_200_concurrent_blob_requests(
             same_seconds = time.monotonic() - started
             assert results == [(200, same_digest)] * 200
             assert upstream_bytes(upstream, same_digest, len(same)) == len(same)  # once
+            await blob_stored(s.info.node, Digest.parse(same_digest))
             stats = s.info.node.stats[Digest.parse(same_digest)]
             assert stats.from_source == len(same)
 
@@ -490,11 +492,14 @@ async def test_proxy_holds_200_concurrent_blob_requests(
 
             # 3. every connection and file the requests used is released
             pool = max(8, s.info.node.config.concurrency * 2)  # pooled upstream sockets
-            fds = wait_until(
-                lambda: ((n := _open_fds()) <= baseline + pool and n) or None,
-                timeout=10,
-                what=f"open fds back near the baseline of {baseline}",
-            )
+            # (polled with trio.sleep: the servers run on this event loop and must be
+            # able to close their connections meanwhile)
+            for _ in range(400):  # 20 s at most
+                fds = _open_fds()
+                if fds <= baseline + pool:
+                    break
+                await trio.sleep(0.05)
+            assert fds <= baseline + pool, f"open fds {fds}, baseline {baseline}"
             heads = upstream.count("HEAD", f"/blobs/{same_digest}")
     print(
         f"\n200 concurrent GETs of one 3 MiB blob: {same_seconds:.2f}s; 4 blobs x 50: "
