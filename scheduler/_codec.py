@@ -77,12 +77,23 @@ def _decode(data: Any, table: dict[str, type[Any]], what: str) -> Any:
     return _build(cls, {k: v for k, v in data.items() if k != "type"}, str(name))
 
 
+_SHAPES: dict[type[Any], tuple[dict[str, Any], frozenset[str]]] = {}
+
+
+def _shape(cls: type[Any]) -> tuple[dict[str, Any], frozenset[str]]:
+    """A dataclass's field types and names (resolving the hints is slow: once per class)."""
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        hints = typing.get_type_hints(cls, vars(ev))
+        shape = _SHAPES[cls] = (hints, frozenset(f.name for f in dataclasses.fields(cls)))
+    return shape
+
+
 def _build(cls: type[Any], data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected an object")
-    hints = typing.get_type_hints(cls, vars(ev))
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
+    hints, fields = _shape(cls)
+    unknown = set(data) - fields
     if unknown:
         raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
     kwargs = {}
