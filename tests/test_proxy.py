@@ -4,8 +4,10 @@ errors as OCI bodies, ``?ns=``, auth pass-through, corruption upstream, upstream
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -524,3 +526,36 @@ def test_proxy_config_and_flags() -> None:
         ["daemon", "--proxy-listen", "127.0.0.1:0", "--upstream", "https://r.example"]
     )
     assert args.proxy_listen == "127.0.0.1:0" and args.upstream == "https://r.example"
+
+
+async def test_credentials_never_reach_logs_errors_or_files(
+    tmp_path: Path, auth_registry: LocalRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The daemon holds a registry password and a client passes its own Basic
+    credentials; at DEBUG level nothing it logs, answers or writes holds either."""
+    caplog.set_level(logging.DEBUG)
+    image = make_image(size=2 * PIECE, layers=1, seed=48)
+    push_image(auth_registry.url, "private/secret", "v1", image, auth=(AUTH_USER, AUTH_PASSWORD))
+    reg = RegistryConfig(host=auth_registry.host, username=AUTH_USER, password=AUTH_PASSWORD)
+    client_auth = base64.b64encode(f"{AUTH_USER}:{AUTH_PASSWORD}".encode()).decode()
+    answers = []
+    async with (
+        proxy_daemon(tmp_path, auth_registry.url, registries={auth_registry.host: reg}) as info,
+        _client(info) as c,
+    ):
+        headers = {"Accept": ALL_TYPES, "Authorization": f"Basic {client_auth}"}
+        for path in (
+            "/v2/private/secret/manifests/v1",
+            f"/v2/private/secret/blobs/{image.layer_digests[0]}",
+            "/v2/private/secret/manifests/nope",  # an error answer too
+            f"/v2/private/nothing/blobs/sha256:{'0' * 64}",
+        ):
+            r = await c.get(path, headers=headers)
+            answers.append(r.text if r.status_code != 200 else "")
+        await blob_stored(info.node, Digest.parse(image.layer_digests[0]))
+    text = caplog.text + "".join(answers) + repr(info.node.config)
+    for secret in (AUTH_PASSWORD, client_auth):
+        assert secret not in text
+        for f in (tmp_path / "data").rglob("*"):
+            if f.is_file() and f.stat().st_size < (1 << 20):
+                assert secret.encode() not in f.read_bytes(), f
