@@ -15,13 +15,13 @@ and the connection is dropped; the swarm then reports the parent and asks elsewh
 
 from __future__ import annotations
 
-import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
 from .errors import NetworkError
+from .http1 import BadHead, ClosedBeforeHead, parse_response_head, read_response_head
 
 __all__ = ["PeerConnections", "PieceResponse"]
 
@@ -29,7 +29,6 @@ _HEAD_LIMIT = 16 * 1024
 _LOWAT = 64 * 1024
 READ_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
-_STATUS = re.compile(rb"HTTP/1\.1 (\d{3})(?: [^\r\n]*)?")
 
 
 class _Failed(NetworkError):
@@ -138,12 +137,18 @@ class PeerConnections:
         try:
             with trio.fail_after(READ_TIMEOUT):
                 await stream.send_all(request)
-                head, rest = await _read_head(stream)
+                head, rest = await read_response_head(stream, _HEAD_LIMIT)
+            status, headers = parse_response_head(head)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             raise _Stale() from None
+        except ClosedBeforeHead as exc:
+            if exc.partial:
+                raise _Failed("connection closed inside the answer head") from None
+            raise _Stale() from None
+        except BadHead as exc:
+            raise _Failed(str(exc)) from None
         except trio.TooSlowError:
             raise _Failed(f"no answer for {READ_TIMEOUT:.0f}s") from None
-        status, headers = _parse_head(head)
         length_text = headers.get("content-length", "")
         if "transfer-encoding" in headers or not length_text.isdigit():
             raise _Failed("answer without a Content-Length", status=status)
@@ -186,36 +191,3 @@ class PeerConnections:
 
 class _Stale(Exception):
     """The connection failed before any answer (a pooled one the parent closed)."""
-
-
-async def _read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
-    buf = bytearray()
-    while True:
-        idx = buf.find(b"\r\n\r\n")
-        if idx >= 0:
-            return bytes(buf[:idx]), bytes(buf[idx + 4 :])
-        if len(buf) > _HEAD_LIMIT:
-            raise _Failed("answer head too large")
-        chunk = await stream.receive_some(_HEAD_LIMIT)
-        if not chunk:
-            if buf:
-                raise _Failed("connection closed inside the answer head")
-            raise _Stale()
-        buf += chunk
-
-
-def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.split(b"\r\n")
-    m = _STATUS.fullmatch(lines[0])
-    if m is None:
-        raise _Failed("malformed status line")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
-            raise _Failed("malformed header")
-        key = name.decode("latin-1").lower()
-        if key in headers and key in ("content-length", "transfer-encoding"):
-            raise _Failed("repeated framing header")
-        headers[key] = value.strip().decode("latin-1")
-    return int(m.group(1)), headers

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..errors import NetworkError
+from ..http1 import BadHead, parse_response_head, read_response_head
 
 __all__ = ["FastPathUnavailable", "FastRangeReader"]
 
@@ -27,8 +28,6 @@ _BUF = 1 << 20
 READ_TIMEOUT = 60.0
 """Seconds without a byte before a request is given up (as httpx's read timeout): a
 server that dropped the connection without a FIN or RST must not hang the download."""
-_STATUS = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: [^\r\n]*)?")
-_FRAMING = frozenset({"content-length", "content-range", "transfer-encoding", "connection"})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -80,15 +79,19 @@ class FastRangeReader:
             try:
                 with trio.fail_after(READ_TIMEOUT):
                     await stream.send_all(request)
-                    head, rest = await _read_head(stream)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                # A pooled connection the server closed meanwhile: the general path retries.
+                    head, rest = await read_response_head(stream, _HEAD_LIMIT)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, BadHead) as exc:
+                # A pooled connection the server closed meanwhile (or an answer this path
+                # does not read): the general path retries.
                 raise FastPathUnavailable() from exc
             except trio.TooSlowError:
                 raise NetworkError(
                     f"{self.host}:{self.port}: no answer for {READ_TIMEOUT:.0f}s"
                 ) from None
-            status, headers = _parse_head(head)
+            try:
+                status, headers = parse_response_head(head)
+            except BadHead:
+                raise FastPathUnavailable(0) from None
             want = end - start
             cr = _CONTENT_RANGE.fullmatch(headers.get("content-range", ""))
             if (
@@ -109,40 +112,6 @@ class FastRangeReader:
             else:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
-
-
-async def _read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
-    buf = bytearray()
-    while True:
-        idx = buf.find(b"\r\n\r\n")
-        if idx >= 0:
-            return bytes(buf[:idx]), bytes(buf[idx + 4 :])
-        if len(buf) > _HEAD_LIMIT:
-            raise FastPathUnavailable()
-        chunk = await stream.receive_some(_HEAD_LIMIT)
-        if not chunk:
-            raise FastPathUnavailable()
-        buf += chunk
-
-
-def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.split(b"\r\n")
-    m = _STATUS.fullmatch(lines[0])
-    if m is None:
-        raise FastPathUnavailable(0)
-    minor, status = m.group(1), int(m.group(2))
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
-            raise FastPathUnavailable(0)
-        key = name.decode("latin-1").lower()
-        if key in headers and key in _FRAMING:  # repeated framing headers: ambiguous
-            raise FastPathUnavailable(0)
-        headers[key] = value.strip().decode("latin-1")
-    if minor == b"0" and headers.get("connection", "").lower() != "keep-alive":
-        headers["connection"] = "close"  # HTTP/1.0 closes unless told otherwise
-    return status, headers
 
 
 class _Body:
