@@ -33,6 +33,10 @@ The piece-hash list (integrity)
     host's reports count for itself only: they never publish a hash nor make it a parent,
     and its source leases do not keep anyone else from leasing the same pieces.
 
+Tasks
+    ``StartTask`` joins a task (or restarts a download of it: the host's source leases
+    and assignments on it from an earlier run are released).
+
 Assignments (``Assign`` -> ``Assignment``)
     1. From peers first: the asker's missing pieces that are not already assigned or
        leased to it and have a known hash and a holder, rarest first; each from the best
@@ -312,6 +316,12 @@ class Scheduler:
             pt = task.peers[host.host_id] = PeerTask(host, task.count)
             host.tasks.add(task.digest)
         if isinstance(ev, StartTask):
+            # The host (re)starts its download: nothing of an earlier run is in flight any
+            # more (a daemon restarted under the same id must not wait out its own leases).
+            for piece in list(pt.leases):
+                self._release_lease(task, pt, piece)
+            for piece in list(pt.inflight):
+                self._release_inflight(task, pt, piece)
             return Ack()
         if ev.complete:
             self._complete(task, pt, ev.hashes)

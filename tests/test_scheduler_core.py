@@ -246,6 +246,17 @@ def test_repeated_failures_bench_the_parent() -> None:
     assert assign(s, "me", t + 101.0).from_peers
 
 
+def test_restarting_a_task_releases_the_hosts_earlier_leases() -> None:
+    """A daemon restarted under the same id (the scheduler never saw it go) starts the
+    task again: its earlier run's leases must not hold it back until they lapse."""
+    s = Scheduler(SchedulerConfig(lease_timeout=1e9, heartbeat_timeout=1e9))
+    join(s, "n0")
+    first = assign(s, "n0").from_source
+    assert first and assign(s, "n0", 1.0).from_source != first  # leased: not offered again
+    assert s.handle(StartTask("n0", D, SIZE, PIECE), 2.0) == Ack()  # restarted
+    assert assign(s, "n0", 2.0).from_source == first
+
+
 def test_unreachable_parent_loses_its_source_leases_before_it_expires() -> None:
     cfg = SchedulerConfig(
         error_penalty=1.0,
