@@ -378,6 +378,7 @@ def test_pull_through_the_daemon_swarm_into_docker(
             assert r.returncode == 0, (i, r, c.log_tails())
             # the bytes came through this node's daemon: it holds every blob, verified
             for blob in image.blobs():
+                c.stats(i, blob)  # answers once the download has finished (blob stored)
                 assert d.blob_file(blob).is_file(), (i, blob)
         # the second node got its layers from the first, not the registry
         layer = str(_image_manifest(image).layers[0].digest)

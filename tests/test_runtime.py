@@ -517,4 +517,4 @@ async def test_skopeo_gets_the_upstream_challenge_and_pulls_with_its_credentials
         assert any(s.path == path and s.status == 200 and s.authorized for s in served), context
         config = [s for s in served if s.path.endswith(f"/blobs/{image.config_digest}")]
         assert any(s.status == 200 and s.complete and s.authorized for s in config), context
-        assert info.node.store.blob_path(Digest.parse(image.config_digest)) is not None
+        assert await blob_stored(info.node, Digest.parse(image.config_digest)) is not None

@@ -236,6 +236,7 @@ def test_corrupted_seed_is_caught_and_cleans_itself(
     outs = [tmp_path / f"out{i}" for i in range(3)]
     with Cluster(tmp_path / "c", daemons=3, piece_size="1MiB") as c:
         assert c.get(0, target, outs[0]).wait(GET_TIMEOUT) == 0, c.log_tails()
+        c.stats(0, digest)  # answers once the download has finished (the blob is stored)
         blob = c.daemons[0].blob_file(digest)
         assert blob.is_file()
         # Silent disk corruption: 4 KiB in the middle of piece 8 change, the file's
