@@ -66,9 +66,9 @@ class PeerConnections:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
 
-    async def _connect(self, addr: str) -> tuple[trio.SocketStream, bool]:
+    async def _connect(self, addr: str, *, fresh: bool = False) -> tuple[trio.SocketStream, bool]:
         pooled = self._idle.get(addr)
-        if pooled:
+        if pooled and not fresh:
             return pooled.pop(), True
         host, _, port = addr.rpartition(":")
         try:
@@ -79,6 +79,11 @@ class PeerConnections:
         except trio.TooSlowError:
             raise _Failed(f"no connection within {CONNECT_TIMEOUT:.0f}s") from None
         return stream, False
+
+    async def _drop_idle(self, addr: str) -> None:
+        for stream in self._idle.pop(addr, []):
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     def _keep(self, addr: str, stream: trio.SocketStream) -> bool:
         pool = self._idle.setdefault(addr, [])
@@ -99,7 +104,7 @@ class PeerConnections:
         """``GET path`` from ``addr``; the body (at most ``limit`` bytes) in one buffer.
         Raises NetworkError (``.status`` set for an HTTP answer other than 200)."""
         for attempt in (0, 1):
-            stream, reused = await self._connect(addr)
+            stream, reused = await self._connect(addr, fresh=attempt > 0)
             keep = False
             try:
                 try:
@@ -108,7 +113,10 @@ class PeerConnections:
                     )
                 except _Stale:
                     if reused and attempt == 0:
-                        continue  # a pooled connection the parent had closed: once more
+                        # A pooled connection the parent had closed (idle timeout): the
+                        # others pooled for it are as old; drop them, and retry afresh.
+                        await self._drop_idle(addr)
+                        continue
                     raise _Failed("connection closed before an answer") from None
                 return response
             finally:
@@ -150,7 +158,11 @@ class PeerConnections:
         except trio.TooSlowError:
             raise _Failed(f"no answer for {READ_TIMEOUT:.0f}s") from None
         length_text = headers.get("content-length", "")
-        if "transfer-encoding" in headers or not length_text.isdigit():
+        if (
+            "transfer-encoding" in headers
+            or not (length_text.isascii() and length_text.isdigit())
+            or len(length_text) > 15
+        ):
             raise _Failed("answer without a Content-Length", status=status)
         length = int(length_text)
         if status != 200:

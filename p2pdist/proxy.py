@@ -175,8 +175,10 @@ async def stream_job(
         if job.done.is_set():
             if job.error is not None:
                 raise HTTPError(502, str(job.error))
-            if job.verified_prefix() <= sent:
-                raise HTTPError(500, "download finished short")
+            if job.verified_prefix() <= sent or opened is None:
+                # Finished, but the bytes are not there (the blob was removed meanwhile,
+                # found corrupt): cut the stream rather than look again forever.
+                raise HTTPError(502, "blob data went away")
             continue
         # The job wakes us when it changes; the registry-only download path reports bytes
         # as they arrive, before their piece is stored and verified, so also look again

@@ -128,9 +128,10 @@ class FetchSlots:
 
     async def _acquire(self, priority: int) -> None:
         if self._free > 0 and not self._waiters:
-            self._free -= 1
-            await trio.lowlevel.checkpoint()
-            return
+            await trio.lowlevel.checkpoint()  # before taking it: a cancellation here loses nothing
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return
         item = (priority, next(self._seq), trio.Event())
         heapq.heappush(self._waiters, item)
         try:
