@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from . import __version__
-from .config import load_node_config
+from .config import NodeConfig, load_node_config
 from .digest import Digest
 from .errors import EXIT_NETWORK, EXIT_USAGE, P2PDistError, UsageError, collapse_groups
 
@@ -82,6 +82,35 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_fetch_flags(parser: argparse.ArgumentParser, *, progress: str) -> None:
+    """The flags ``get`` and ``pull`` share: how to fetch, where to keep pieces, output."""
+    parser.add_argument("--piece-size", help="piece size, e.g. 4MiB (default from config)")
+    parser.add_argument("--concurrency", type=_positive, help="parallel range requests per blob")
+    parser.add_argument("--insecure", action="store_true", help="skip TLS certificate checks")
+    parser.add_argument("--data-dir", help="piece store directory (standalone)")
+    parser.add_argument("--config", help="config file (TOML)")
+    parser.add_argument("--no-progress", action="store_true", help=progress)
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    parser.add_argument(
+        "--daemon",
+        default=os.environ.get("P2PDIST_DAEMON"),
+        type=_daemon_url,
+        help="local daemon API URL (default $P2PDIST_DAEMON); standalone when unset",
+    )
+
+
+def _fetch_config(args: argparse.Namespace) -> NodeConfig:
+    """The node configuration of a ``get`` or ``pull``: file, environment, their flags."""
+    return load_node_config(
+        args.config,
+        overrides={
+            "data_dir": args.data_dir,
+            "piece_size": args.piece_size,
+            "concurrency": args.concurrency,
+        },
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="p2pdist", description="Peer-to-peer container image distribution.")
     parser.add_argument("--version", action="version", version=f"p2pdist {__version__}")
@@ -110,19 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="extra request header for a URL, 'Name: value' (repeatable)",
     )
-    get.add_argument("--piece-size", help="piece size, e.g. 4MiB (default from config)")
-    get.add_argument("--concurrency", type=_positive, help="parallel range requests")
-    get.add_argument("--insecure", action="store_true", help="skip TLS certificate checks")
-    get.add_argument("--data-dir", help="piece store directory")
-    get.add_argument("--config", help="config file (TOML)")
-    get.add_argument("--no-progress", action="store_true", help="no progress bar")
-    get.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    get.add_argument(
-        "--daemon",
-        default=os.environ.get("P2PDIST_DAEMON"),
-        type=_daemon_url,
-        help="local daemon API URL (default $P2PDIST_DAEMON); standalone when unset",
-    )
+    _add_fetch_flags(get, progress="no progress bar")
 
     pull = sub.add_parser(
         "pull",
@@ -139,19 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--docker-host",
         help="Docker engine (default $DOCKER_HOST, else unix:///var/run/docker.sock)",
     )
-    pull.add_argument("--insecure", action="store_true", help="skip TLS certificate checks")
-    pull.add_argument("--piece-size", help="piece size, e.g. 4MiB (standalone)")
-    pull.add_argument("--concurrency", type=_positive, help="parallel range requests per blob")
-    pull.add_argument("--data-dir", help="piece store directory (standalone)")
-    pull.add_argument("--config", help="config file (TOML)")
-    pull.add_argument("--no-progress", action="store_true", help="no per-layer progress lines")
-    pull.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    pull.add_argument(
-        "--daemon",
-        default=os.environ.get("P2PDIST_DAEMON"),
-        type=_daemon_url,
-        help="local daemon API URL (default $P2PDIST_DAEMON); standalone when unset",
-    )
+    _add_fetch_flags(pull, progress="no per-layer progress lines")
 
     daemon = sub.add_parser(
         "daemon",
@@ -241,14 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_get(args: argparse.Namespace) -> None:
     from .get import GetRequest, run_get
 
-    config = load_node_config(
-        args.config,
-        overrides={
-            "data_dir": args.data_dir,
-            "piece_size": args.piece_size,
-            "concurrency": args.concurrency,
-        },
-    )
+    config = _fetch_config(args)
     if args.digest is not None and not args.target.startswith(("http://", "https://")):
         raise UsageError("--digest applies to URLs; for a registry blob use REPO@sha256:<hex>")
     if args.platform and not args.manifest:
@@ -271,14 +269,7 @@ def _run_get(args: argparse.Namespace) -> None:
 def _run_pull(args: argparse.Namespace) -> None:
     from .pull import PullRequest, run_pull
 
-    config = load_node_config(
-        args.config,
-        overrides={
-            "data_dir": args.data_dir,
-            "piece_size": args.piece_size,
-            "concurrency": args.concurrency,
-        },
-    )
+    config = _fetch_config(args)
     request = PullRequest(
         image=args.image,
         output=args.output,

@@ -91,12 +91,15 @@ class Job:
             return 0
         return _prefix(task, plan)
 
-    def open_verified(self) -> tuple[int, int] | None:
-        """``(fd, n)``: an open file whose first ``n`` bytes are verified bytes of this
-        attempt (the complete blob, or the task's data file, duplicated under the task's
-        lock so that it cannot be the next attempt's); None if neither is there now.
-        The caller closes ``fd``."""
+    def open_verified(self, beyond: int = 0) -> tuple[int, int] | None:
+        """``(fd, n)``: an open file whose first ``n`` bytes (``n > beyond``) are verified
+        bytes of this attempt (the complete blob, or the task's data file, duplicated under
+        the task's lock so that it cannot be the next attempt's); None if no more than
+        ``beyond`` bytes are verified, or neither file is there now.  The caller closes
+        ``fd``."""
         if self.path is not None and self.plan is not None:
+            if self.plan.size <= beyond:
+                return None
             try:
                 return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC), self.plan.size
             except FileNotFoundError:
@@ -104,10 +107,11 @@ class Job:
         task, plan = self.task, self.plan
         if task is None or plan is None:
             return None
-        fd = task.dup_data_fd()
-        if fd is None:
+        n = _prefix(task, plan)  # only grows while the task is open
+        if n <= beyond:
             return None
-        return fd, _prefix(task, plan)
+        fd = task.dup_data_fd()
+        return None if fd is None else (fd, n)
 
 
 def _prefix(task: Task, plan: PiecePlan) -> int:

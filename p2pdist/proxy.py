@@ -152,7 +152,7 @@ async def stream_job(
             # over: what was already sent cannot be trusted.  Cut the stream.
             raise HTTPError(502, f"blob {job.digest} failed its digest check; retry")
         changed = job.changed
-        opened = job.open_verified() if job.verified_prefix() > sent else None
+        opened = job.open_verified(beyond=sent)
         if opened is not None:
             fd, ready = opened
             if job.attempt != attempt:

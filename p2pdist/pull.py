@@ -36,7 +36,7 @@ import trio
 from .config import NodeConfig
 from .digest import Digest, sha256_digest
 from .docker import DockerEngine, docker_host
-from .download import download_blob
+from .download import ProgressFn, download_blob
 from .errors import DigestMismatch, DockerError, NetworkError, StoreError, UsageError
 from .progress import LineProgress, format_bytes, format_rate
 from .reference import DOCKER_HUB, Reference, parse_reference
@@ -246,7 +246,7 @@ class _Fetcher:
                 how = "already here" if reused else f"in {seconds:.1f}s"
                 self.progress.finish(i, f"verified {format_bytes(desc.size)} ({how})")
 
-    async def _stream(self, desc: Descriptor, bar: object) -> Path:
+    async def _stream(self, desc: Descriptor, bar: ProgressFn) -> Path:
         """The blob through the daemon, hashed on the way into a spool file."""
         path = self.spool / desc.digest.hex
         partial = self.spool / f".{desc.digest.hex}.partial"
@@ -263,8 +263,7 @@ class _Fetcher:
                     h.update(chunk)
                     os.write(fd, chunk)
                     received += len(chunk)
-                    if callable(bar):
-                        bar(received, size)
+                    bar(received, size)
             finally:
                 os.close(fd)
         if received != desc.size:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +13,8 @@ import pytest
 import trio
 
 from bench.image import Image
+from p2pdist.config import NodeConfig
+from p2pdist.daemon import DaemonInfo, open_daemon
 
 if TYPE_CHECKING:
     from p2pdist.digest import Digest
@@ -20,9 +24,13 @@ __all__ = [
     "REGISTRY_MISSING_REASON",
     "PushedImage",
     "blob_stored",
+    "proxy_daemon",
     "requires_registry",
     "skip_without_registry",
 ]
+
+#: No ~/.docker/config.json for daemons under test: credentials only from what a test gives.
+NO_DOCKER_CONFIG = Path("/nonexistent/p2pdist-test/config.json")
 
 REGISTRY_MISSING_REASON = "docker-registry not installed: apt-get install docker-registry"
 
@@ -70,3 +78,25 @@ async def blob_stored(node: Node, digest: Digest) -> Path | None:
         with trio.fail_after(10):
             await job.done.wait()
     return node.store.blob_path(digest)
+
+
+@asynccontextmanager
+async def proxy_daemon(
+    tmp_path: Path, upstream: str | None, *, piece_size: int = 64 * 1024, **kw: object
+) -> AsyncIterator[DaemonInfo]:
+    """A daemon in this event loop with its registry proxy on an ephemeral loopback port
+    (``info.proxy_url``), no scheduler, its store under ``tmp_path/data``."""
+    config = NodeConfig(
+        data_dir=tmp_path / "data",
+        peer_listen="127.0.0.1:0",
+        api_listen="127.0.0.1:0",
+        proxy_listen="127.0.0.1:0",
+        upstream=upstream,
+        piece_size=piece_size,
+        host_id=f"proxy-{tmp_path.name}",
+        docker_config=NO_DOCKER_CONFIG,
+        **kw,  # type: ignore[arg-type]
+    )
+    async with open_daemon(config) as info:
+        assert info.proxy_url is not None
+        yield info

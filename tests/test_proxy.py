@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,8 +21,8 @@ import trio
 from bench.image import make_image, push_blob, push_image, push_index
 from bench.localregistry import LocalRegistry
 from p2pdist.cli import build_parser
-from p2pdist.config import NodeConfig, RegistryConfig, load_node_config
-from p2pdist.daemon import DaemonInfo, open_daemon
+from p2pdist.config import RegistryConfig, load_node_config
+from p2pdist.daemon import DaemonInfo
 from p2pdist.digest import Digest
 from p2pdist.errors import ConfigError
 from p2pdist.httpserver import (
@@ -44,7 +43,7 @@ from p2pdist.registry import (
 from scheduler.service import serve_scheduler
 from tests.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.faultproxy import FaultProxy
-from tests.helpers import PushedImage, blob_stored, requires_registry
+from tests.helpers import PushedImage, blob_stored, proxy_daemon, requires_registry
 
 if TYPE_CHECKING:  # tokenserver needs `cryptography` (the fixture skips without it)
     from tests.tokenserver import TokenRegistry
@@ -52,28 +51,7 @@ if TYPE_CHECKING:  # tokenserver needs `cryptography` (the fixture skips without
 pytestmark = [pytest.mark.integration, requires_registry]
 
 PIECE = 64 * 1024
-NO_DOCKER_CONFIG = Path("/nonexistent/p2pdist-test/config.json")
 ALL_TYPES = f"{MEDIA_OCI_INDEX}, {MEDIA_DOCKER_LIST}, {MEDIA_OCI_MANIFEST}, {MEDIA_DOCKER_MANIFEST}"
-
-
-@asynccontextmanager
-async def proxy_daemon(
-    tmp_path: Path, upstream: str | None, **kw: object
-) -> AsyncIterator[DaemonInfo]:
-    config = NodeConfig(
-        data_dir=tmp_path / "data",
-        peer_listen="127.0.0.1:0",
-        api_listen="127.0.0.1:0",
-        proxy_listen="127.0.0.1:0",
-        upstream=upstream,
-        piece_size=PIECE,
-        host_id=f"proxy-{tmp_path.name}",
-        docker_config=NO_DOCKER_CONFIG,
-        **kw,  # type: ignore[arg-type]
-    )
-    async with open_daemon(config) as info:
-        assert info.proxy_url is not None
-        yield info
 
 
 def _client(info: DaemonInfo) -> httpx.AsyncClient:

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,20 +34,18 @@ import trio
 
 from bench.image import Image, make_image, make_shell_image, push_image, push_index
 from bench.localregistry import LocalRegistry
-from p2pdist.config import NodeConfig
-from p2pdist.daemon import DaemonInfo, open_daemon
+from p2pdist.daemon import DaemonInfo
 from p2pdist.digest import Digest
 from p2pdist.httpserver import FileBody, HTTPError, Request, Response
 from p2pdist.proxy import RegistryProxy
 from tests.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.faultproxy import FaultProxy
-from tests.helpers import blob_stored, requires_registry
+from tests.helpers import blob_stored, proxy_daemon, requires_registry
 from tests.runtimes import CTR_MISSING_REASON, DOCKER_CLI_MISSING_REASON, Dockerd
 
 pytestmark = [pytest.mark.integration, requires_registry]
 
 PIECE = 256 * 1024
-NO_DOCKER_CONFIG = Path("/nonexistent/p2pdist-test/config.json")
 CTR_NAMESPACE = "p2pdist-test"
 PULL_TIMEOUT = 60.0
 KINDS = ["docker-v2", "oci-index"]
@@ -147,23 +144,6 @@ async def _counted(body: AsyncIterable[bytes], entry: Served) -> AsyncIterator[b
     entry.complete = True
 
 
-@asynccontextmanager
-async def proxy_daemon(tmp_path: Path, upstream: str | None) -> AsyncIterator[DaemonInfo]:
-    config = NodeConfig(
-        data_dir=tmp_path / "data",
-        peer_listen="127.0.0.1:0",
-        api_listen="127.0.0.1:0",
-        proxy_listen="127.0.0.1:0",
-        upstream=upstream,
-        piece_size=PIECE,
-        host_id=f"runtime-{tmp_path.name}",
-        docker_config=NO_DOCKER_CONFIG,
-    )
-    async with open_daemon(config) as info:
-        assert info.proxy_url is not None
-        yield info
-
-
 @dataclass(frozen=True)
 class Pushed:
     repo: str
@@ -237,7 +217,7 @@ async def test_dockerd_pulls_through_the_mirror(
     image = pushed.image
     ref = f"{name}:v1"
     log = record_proxy(monkeypatch)
-    async with proxy_daemon(tmp_path, registry.url) as info:
+    async with proxy_daemon(tmp_path, registry.url, piece_size=PIECE) as info:
         assert info.proxy_url is not None
         await trio.to_thread.run_sync(dockerd.set_mirrors, [info.proxy_url])
         try:
@@ -303,7 +283,7 @@ async def test_containerd_pulls_through_hosts_toml(
     certs = tmp_path / "certs.d"
     log = record_proxy(monkeypatch)
     # No default upstream: only containerd's ?ns=<registry> can route these requests.
-    async with proxy_daemon(tmp_path, None) as info:
+    async with proxy_daemon(tmp_path, None, piece_size=PIECE) as info:
         assert info.proxy_url is not None
         setup = await trio.to_thread.run_sync(
             _run,
@@ -394,7 +374,7 @@ async def test_dockerd_never_gets_a_blob_corrupted_upstream(
     log = record_proxy(monkeypatch)
     with FaultProxy(registry.url) as faulty:
         faulty.flip_byte_in_blobs = True
-        async with proxy_daemon(tmp_path, faulty.url) as info:
+        async with proxy_daemon(tmp_path, faulty.url, piece_size=PIECE) as info:
             assert info.proxy_url is not None
             await trio.to_thread.run_sync(dockerd.set_mirrors, [info.proxy_url])
             started = time.monotonic()
@@ -479,7 +459,7 @@ async def test_skopeo_gets_the_upstream_challenge_and_pulls_with_its_credentials
     authfile = tmp_path / "auth.json"
     authfile.write_text('{"auths": {}}\n')
     log = record_proxy(monkeypatch)
-    async with proxy_daemon(tmp_path, auth_registry.url) as info:
+    async with proxy_daemon(tmp_path, auth_registry.url, piece_size=PIECE) as info:
         assert info.proxy_url is not None
         ref = f"docker://{info.proxy_url.removeprefix('http://')}/{repo}:v1"
         skopeo = [
