@@ -227,18 +227,32 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--data-dir", help="the node's data directory")
     imp.add_argument("--config", help="config file (TOML)")
 
+    health = sub.add_parser(
+        "health",
+        help="check that the local daemon (or --url) answers /healthz",
+        description="GET /healthz (--ready: /readyz) on the daemon's local API (its address "
+        "from --config / $P2PDIST_CONFIG / $P2PDIST_API_LISTEN) or on --url: exit 0 when it "
+        "answers 200, 4 otherwise.  The container image's HEALTHCHECK.",
+    )
+    health.add_argument("--url", help="check this URL instead (e.g. a scheduler's /healthz)")
+    health.add_argument("--ready", action="store_true", help="check /readyz instead of /healthz")
+    health.add_argument("--config", help="config file (TOML) of the daemon to check")
+    health.add_argument(
+        "--timeout", type=_positive, default=5, help="seconds to wait for the answer (5)"
+    )
+
     sched = sub.add_parser(
         "scheduler",
         help="run the scheduler",
         description="Run the scheduler: the swarm's picture and its decisions.",
     )
-    sched.add_argument("--listen", default="0.0.0.0:65004", help="HOST:PORT (0.0.0.0:65004)")
+    sched.add_argument("--config", help="config file (TOML; also $P2PDIST_SCHEDULER_CONFIG)")
+    sched.add_argument("--listen", help="HOST:PORT (0.0.0.0:65004)")
     sched.add_argument("--log-level", default="info", help="debug, info, warning, error")
     sched.add_argument(
         "--cluster-token-file",
-        default=os.environ.get("P2PDIST_CLUSTER_TOKEN_FILE"),
         help="file holding the cluster's shared token: events must carry it "
-        "(also $P2PDIST_CLUSTER_TOKEN)",
+        "(also $P2PDIST_CLUSTER_TOKEN_FILE, $P2PDIST_CLUSTER_TOKEN)",
     )
     return parser
 
@@ -399,17 +413,29 @@ def _run_import(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _run_health(args: argparse.Namespace) -> None:
+    from .health import check_health, health_url
+
+    url = args.url or health_url(load_node_config(args.config), ready=args.ready)
+    if args.url and args.ready:
+        raise UsageError("--ready applies without --url (give the /readyz URL instead)")
+    body = check_health(url, timeout=args.timeout)
+    print(f"ok {url} {body}".rstrip())
+
+
 def _run_scheduler(args: argparse.Namespace) -> None:
+    from scheduler import load_scheduler_config
     from scheduler.service import run_scheduler
 
     from .config import split_hostport
 
     _logging(args.log_level)
-    from .clusterauth import read_token
-
-    host, port = split_hostport(args.listen, what="--listen")
-    token = read_token(value=os.environ.get("P2PDIST_CLUSTER_TOKEN"), file=args.cluster_token_file)
-    trio.run(run_scheduler, host, port, token)
+    config = load_scheduler_config(
+        args.config,
+        overrides={"listen": args.listen, "cluster_token_file": args.cluster_token_file},
+    )
+    host, port = split_hostport(config.listen, what="listen")
+    trio.run(run_scheduler, host, port, config.cluster_token, config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -428,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_setup(args)
         elif args.command == "import":
             _run_import(args)
+        elif args.command == "health":
+            _run_health(args)
         return 0
     except P2PDistError as exc:
         print(f"p2pdist: error: {_one_line(str(exc))}", file=sys.stderr)

@@ -7,7 +7,7 @@ selection, ``_sim`` a discrete-event simulator that drives a :class:`Scheduler` 
 thousands of modelled nodes.  The HTTP service around it lives elsewhere.
 """
 
-from ._config import SchedulerConfig
+from ._config import SchedulerConfig, load_scheduler_config
 from ._core import Scheduler
 from ._events import (
     Ack,
@@ -55,4 +55,5 @@ __all__ = [
     "SchedulerConfig",
     "StartTask",
     "Unknown",
+    "load_scheduler_config",
 ]

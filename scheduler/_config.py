@@ -1,10 +1,31 @@
-"""The scheduler's tunables: one frozen, keyword-only object with defaults."""
+"""The scheduler's configuration: one frozen, keyword-only object with defaults, loaded
+from a TOML file, then ``P2PDIST_*`` environment variables, then flags
+(:func:`load_scheduler_config`).
+
+Example ``scheduler.toml`` (every key optional; the names are :class:`SchedulerConfig`'s)::
+
+    listen = "0.0.0.0:65004"
+    cluster_token_file = "/etc/p2pdist/token"   # or $P2PDIST_CLUSTER_TOKEN(_FILE)
+    heartbeat_timeout = 30.0
+    source_fanout = 1
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
-__all__ = ["SchedulerConfig"]
+from p2pdist.clusterauth import read_token
+from p2pdist.config import split_hostport
+from p2pdist.errors import ConfigError
+
+__all__ = ["DEFAULT_LISTEN", "SchedulerConfig", "load_scheduler_config"]
+
+DEFAULT_LISTEN = "0.0.0.0:65004"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,6 +68,10 @@ class SchedulerConfig:
     avoid_duration: float = 120.0
     #: ``retry_after`` of an answer that assigns nothing (waiting for lessees/parents).
     retry_after: float = 0.1
+    #: The HTTP service's address (not used by the rules).
+    listen: str = DEFAULT_LISTEN
+    #: The cluster's shared token events must carry (None: no cluster auth); never shown.
+    cluster_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         ints = {
@@ -64,3 +89,77 @@ class SchedulerConfig:
         for name in ("heartbeat_timeout", "lease_timeout", "piece_timeout", "retry_after"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SchedulerConfig.{name} must be > 0")
+
+
+_NOT_IN_FILE = {"cluster_token"}  # a secret: from cluster_token_file or the environment
+
+
+def _file_keys() -> dict[str, type]:
+    types: dict[str, type] = {"cluster_token_file": str}
+    for f in fields(SchedulerConfig):
+        if f.name not in _NOT_IN_FILE:
+            types[f.name] = {"int": int, "float": float, "str": str}[str(f.type)]
+    return types
+
+
+def _typed(key: str, value: Any, want: type, where: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where}: {key}: expected {want.__name__}, got {type(value).__name__}")
+    if want is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key}: expected a string")
+        return value
+    if isinstance(value, str):  # the environment and flags are text
+        try:
+            return want(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key}: expected {want.__name__}, got {value!r}") from None
+    if want is int and not isinstance(value, int):
+        raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
+    return want(value)
+
+
+def load_scheduler_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> SchedulerConfig:
+    """The file (``path`` or ``$P2PDIST_SCHEDULER_CONFIG``), then the environment
+    (``P2PDIST_SCHEDULER_LISTEN``, ``P2PDIST_CLUSTER_TOKEN_FILE``,
+    ``P2PDIST_CLUSTER_TOKEN``), then ``overrides`` (flags; ``None`` values are ignored).
+    Unknown keys, wrong types and out-of-range values are :class:`ConfigError`."""
+    env = os.environ if env is None else env
+    keys = _file_keys()
+    values: dict[str, Any] = {}
+    path = path or env.get("P2PDIST_SCHEDULER_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} not found") from None
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+        for key, value in raw.items():
+            if key not in keys:
+                raise ConfigError(f"{path}: unknown key {key!r}")
+            values[key] = _typed(key, value, keys[key], str(path))
+    for key, var in (
+        ("listen", "P2PDIST_SCHEDULER_LISTEN"),
+        ("cluster_token_file", "P2PDIST_CLUSTER_TOKEN_FILE"),
+    ):
+        if env.get(var):
+            values[key] = env[var]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            if key not in keys:
+                raise ConfigError(f"unknown scheduler setting {key!r}")
+            values[key] = _typed(key, value, keys[key], "flag")
+    split_hostport(values.get("listen", DEFAULT_LISTEN), what="listen")
+    token_file = values.pop("cluster_token_file", None)
+    token = read_token(value=env.get("P2PDIST_CLUSTER_TOKEN"), file=token_file or None)
+    try:
+        return SchedulerConfig(**values, cluster_token=token)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

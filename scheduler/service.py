@@ -111,14 +111,17 @@ async def serve_scheduler(
     raise AssertionError("unreachable")
 
 
-async def run_scheduler(host: str, port: int, token: str | None = None) -> NoReturn:
+async def run_scheduler(
+    host: str, port: int, token: str | None = None, config: SchedulerConfig | None = None
+) -> NoReturn:
     """``p2pdist scheduler``: serve until SIGTERM/SIGINT."""
     import signal
 
     raise_open_file_limit()  # up to 1024 daemons connected at once, and then some
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            info = await nursery.start(partial(serve_scheduler, host, port, token=token))
+            serve = partial(serve_scheduler, host, port, token=token, config=config)
+            info = await nursery.start(serve)
             print(f"p2pdist scheduler listening on {info.url}", flush=True)
             async for _ in signals:
                 break
