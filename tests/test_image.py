@@ -112,7 +112,7 @@ def test_image_is_small_runs_as_non_root_and_declares_its_health(
     added = info["Size"] - base["Size"]
     MEASURED["image_bytes"] = info["Size"]
     MEASURED["added_to_base_bytes"] = added
-    assert added < 64 << 20, f"the image adds {added / 2**20:.1f} MiB to its base"
+    assert added < 40 << 20, f"the image adds {added / 2**20:.1f} MiB to its base"
     whoami = dockerd.docker("run", "--rm", "--entrypoint", "id", image).stdout
     assert whoami.startswith("uid=10001(p2pdist) gid=10001(p2pdist)")
     # No pip, compilers or build context left in the runtime image.
