@@ -102,14 +102,19 @@ def _file_keys() -> dict[str, type]:
     return types
 
 
-def _typed(key: str, value: Any, want: type, where: str) -> Any:
+def _typed(key: str, value: Any, want: type, where: str, *, text: bool = False) -> Any:
+    """``value`` as ``want``; strings are parsed only when ``text`` (the environment and
+    flags are text, a TOML file has types of its own)."""
+    got = type(value).__name__
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{where}: {key}: expected {want.__name__}, got {type(value).__name__}")
+        raise ConfigError(f"{where}: {key}: expected {want.__name__}, got {got}")
     if want is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key}: expected a string")
+            raise ConfigError(f"{where}: {key}: expected a string, got {got}")
         return value
-    if isinstance(value, str):  # the environment and flags are text
+    if isinstance(value, str) and not text:
+        raise ConfigError(f"{where}: {key}: expected {want.__name__}, got a string")
+    if isinstance(value, str):
         try:
             return want(value)
         except ValueError:
@@ -155,7 +160,7 @@ def load_scheduler_config(
         if value is not None:
             if key not in keys:
                 raise ConfigError(f"unknown scheduler setting {key!r}")
-            values[key] = _typed(key, value, keys[key], "flag")
+            values[key] = _typed(key, value, keys[key], "flag", text=True)
     split_hostport(values.get("listen", DEFAULT_LISTEN), what="listen")
     token_file = values.pop("cluster_token_file", None)
     token = read_token(value=env.get("P2PDIST_CLUSTER_TOKEN"), file=token_file or None)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import secrets
 import shutil
 import subprocess
@@ -226,7 +225,7 @@ def _vm_hwm(pid: int) -> int:
 def test_scheduler_and_daemon_containers_serve_a_blob_byte_exact(
     dockerd: Dockerd, image: str, registry: LocalRegistry, tmp_path: Path
 ) -> None:
-    blob = random.Random(7).randbytes(BLOB_SIZE)
+    blob = os.urandom(BLOB_SIZE)
     digest = push_blob(registry.url, "test/deploy", blob)
     sched_port, peer_port, api_port, proxy_port = (free_port() for _ in range(4))
     token = secrets.token_hex(32)
@@ -329,7 +328,11 @@ def test_scheduler_and_daemon_containers_serve_a_blob_byte_exact(
         logs = dockerd.docker("logs", daemon, check=False)
         assert get.returncode == 0, f"{get.stderr}\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
         assert hashlib.sha256(out.read_bytes()).hexdigest() == digest.removeprefix("sha256:")
-        MEASURED.update(sampler.summary(), daemon_peak_rss_bytes=_vm_hwm(pid))
+        MEASURED.update(
+            sampler.summary(),
+            daemon_peak_rss_bytes=_vm_hwm(pid),
+            scheduler_peak_rss_bytes=_vm_hwm(_inspect(dockerd, "container", sched)["State"]["Pid"]),
+        )
         state = _inspect(dockerd, "container", daemon)["State"]
         assert state["Running"] and not state["OOMKilled"]
         if LIMITS:
