@@ -414,7 +414,7 @@ def _run_import(args: argparse.Namespace) -> None:
 
 
 def _run_health(args: argparse.Namespace) -> None:
-    from .health import check_health, health_url
+    from .healthcheck import check_health, health_url
 
     url = args.url or health_url(load_node_config(args.config), ready=args.ready)
     if args.url and args.ready:

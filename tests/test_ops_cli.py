@@ -16,7 +16,7 @@ from bench.localregistry import free_port
 from p2pdist.config import NodeConfig
 from p2pdist.daemon import open_daemon
 from p2pdist.errors import ConfigError
-from p2pdist.health import health_url
+from p2pdist.healthcheck import health_url
 from scheduler import SchedulerConfig, load_scheduler_config
 from scheduler.service import serve_scheduler
 
