@@ -13,6 +13,9 @@ It runs, in one trio nursery:
 * the **registry proxy** (``--proxy-listen``, loopback by default) that dockerd and
   containerd pull through (:mod:`p2pdist.proxy`);
 * the link to the scheduler: registration, heartbeats, announcements.
+
+Every listener answers ``GET /healthz`` (alive) and ``GET /readyz`` (:mod:`p2pdist.health`);
+the local API also serves ``GET /metrics`` (:mod:`p2pdist.metrics`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from .clusterauth import check_token, token_headers
 from .config import DEFAULT_PROXY_LISTEN, NodeConfig, split_hostport
 from .digest import Digest
 from .errors import InvalidDigest, UsageError
+from .health import check_readiness
 from .httpserver import (
     FileBody,
     HTTPError,
@@ -54,6 +58,8 @@ from .httpserver import (
     serve_http,
     serve_http_listeners,
 )
+from .logs import log_context
+from .metrics import metrics_response
 from .node import BlobOrigin, Node, open_node
 from .peer import CompressionCache, PieceLocation, parse_piece_path
 from .pieces import piece_size_for
@@ -80,10 +86,20 @@ class DaemonInfo:
 
 
 class _Daemon:
-    def __init__(self, config: NodeConfig, node: Node, info: DaemonInfo) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        node: Node,
+        info: DaemonInfo,
+        link: SchedulerClient | None = None,
+    ) -> None:
         self.config = config
         self.node = node
         self.info = info
+        self.link = link
+        self.metrics = node.metrics
+        self.listeners: dict[str, list[trio.SocketListener] | None] = {}
+        """The peer server's and the proxy's sockets (None: off), for ``/readyz``."""
         self.slots = trio.Semaphore(config.upload_slots)
         self.zstd = CompressionCache()
         # Compressing reads a whole piece and holds its frame: two at a time bound that
@@ -95,12 +111,43 @@ class _Daemon:
         # The registry API (``/v2/...?ns=HOST``) is served on the local API too, so that
         # ``p2pdist pull`` works with the proxy listener off.
         self.registry = RegistryProxy(node, upstream=config.upstream, tag_ttl=config.proxy_tag_ttl)
+        self.metrics.watch(
+            uploads=lambda: self.config.upload_slots - self.slots.value,
+            downloads=node.active_downloads,
+            store=self._store_size,
+            scheduler=lambda: link is not None and link.reachable is True,
+        )
+
+    def _store_size(self) -> tuple[int, int]:
+        blobs = self.node.store.list_blobs()
+        return len(blobs), sum(size for _, size in blobs)
+
+    # -- health -------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        """``/healthz``: the process answers.  ``/readyz``: see :mod:`p2pdist.health`."""
+        if request.path == "/healthz":
+            return Response.json({"status": "ok", "host_id": self.info.host_id})
+        ready = await check_readiness(
+            host_id=self.info.host_id,
+            data_dir=self.config.data_dir,
+            listeners=self.listeners,
+            scheduler=self.link.reachable if self.link is not None else None,
+            scheduler_configured=self.link is not None,
+        )
+        return Response.json(ready.body, ready.status)
+
+    async def proxy(self, request: Request) -> Response:
+        """The registry proxy's listener: the proxy, and the health endpoints."""
+        if request.path in ("/healthz", "/readyz"):
+            return await self.health(request)
+        return await self.registry.handle(request)
 
     # -- peer server ----------------------------------------------------------------------
 
     async def peer(self, request: Request) -> Response:
         if request.path in ("/healthz", "/readyz"):
-            return Response.json({"status": "ok"})
+            return await self.health(request)
         check_token(request, self.config.cluster_token)
         try:
             parsed = parse_piece_path(request.path)
@@ -143,10 +190,12 @@ class _Daemon:
                 )
                 if frame is not None:
                     self.info.uploaded += len(frame)
+                    self.metrics.record_uploaded(len(frame))
                     headers.append(("Content-Encoding", "zstd"))
                     return Response(200, headers, frame)
             fd, loc = self._open_piece(digest, index, piece_size)
             self.info.uploaded += loc.length
+            self.metrics.record_uploaded(loc.length)
             # The server owns (and closes) the fd: the bytes stay readable even if the
             # task is committed (its data file renamed) while they are being sent.  The
             # upload slot is held until the server is done sending them.
@@ -254,7 +303,11 @@ class _Daemon:
     async def api(self, request: Request) -> Response:
         path = request.path
         if path in ("/healthz", "/readyz"):
-            return Response.json({"status": "ok", "host_id": self.info.host_id})
+            return await self.health(request)
+        if path == "/metrics":
+            if request.method not in ("GET", "HEAD"):
+                raise HTTPError(405, "method not allowed")
+            return await metrics_response([self.metrics.registry])
         if path == "/v2" or path.startswith("/v2/"):
             return await self.registry.handle(request)
         prefix = "/api/v1/blobs/"
@@ -460,29 +513,35 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
             )
         async with open_node(config, link=link) as node:
             info = DaemonInfo(host_id, f"http://{advertise}", "", node)
-            daemon = _Daemon(config, node, info)
+            daemon = _Daemon(config, node, info, link)
+            daemon.listeners["peer"] = peer_listeners
+            daemon.listeners["proxy"] = None
             if config.schedulers:
                 daemon_ref.append(daemon)
             server_config = ServerConfig(keepalive_timeout=120.0)
             peer_config = replace(server_config, send_limiter=node.bandwidth.upload)
-            await nursery.start(
-                partial(serve_http_listeners, config=peer_config), daemon.peer, peer_listeners
-            )
-            api = await nursery.start(
-                partial(serve_http, config=server_config), daemon.api, api_host, api_port
-            )
-            info.api_url = api.url
-            if config.proxy_listen is not None:
-                proxy_listeners = await _proxy_listeners(config.proxy_listen)
-                if proxy_listeners:
-                    served = await nursery.start(
-                        partial(serve_http_listeners, config=server_config),
-                        daemon.registry.handle,
-                        proxy_listeners,
-                    )
-                    info.proxy_url = served.url
-            if link is not None:
-                nursery.start_soon(link.heartbeat_forever, daemon.load)
+            # The servers' tasks (and the downloads they start) inherit this context:
+            # every line they log names this daemon (``host`` in JSON logs).
+            with log_context(host=host_id):
+                await nursery.start(
+                    partial(serve_http_listeners, config=peer_config), daemon.peer, peer_listeners
+                )
+                api = await nursery.start(
+                    partial(serve_http, config=server_config), daemon.api, api_host, api_port
+                )
+                info.api_url = api.url
+                if config.proxy_listen is not None:
+                    proxy_listeners = await _proxy_listeners(config.proxy_listen)
+                    if proxy_listeners:
+                        daemon.listeners["proxy"] = proxy_listeners
+                        served = await nursery.start(
+                            partial(serve_http_listeners, config=server_config),
+                            daemon.proxy,
+                            proxy_listeners,
+                        )
+                        info.proxy_url = served.url
+                if link is not None:
+                    nursery.start_soon(link.heartbeat_forever, daemon.load)
             log.info(
                 "daemon %s: peers at %s, local API at %s, registry proxy at %s",
                 host_id,

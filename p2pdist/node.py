@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -28,6 +29,8 @@ from .clusterauth import token_headers
 from .config import NodeConfig
 from .digest import Digest
 from .errors import DigestMismatch, P2PDistError, PlanConflict, UsageError
+from .logs import log_context
+from .metrics import NodeMetrics
 from .peer import PieceLocation
 from .peerclient import PeerConnections
 from .pieces import PiecePlan, piece_size_for
@@ -132,8 +135,10 @@ class Node:
         nursery: trio.Nursery,
         link: SchedulerLink | None,
         peers: httpx.AsyncClient,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or NodeMetrics()
         self.store = store
         self.link = link
         self.peers = peers
@@ -260,15 +265,21 @@ class Node:
             self.nursery.start_soon(self._run, job, origin, size)
         return job
 
+    def active_downloads(self) -> int:
+        return sum(1 for job in self._jobs.values() if not job.done.is_set())
+
     async def _run(self, job: Job, origin: BlobOrigin, size: int | None) -> None:
+        timer = self.metrics.time_task()
         try:
-            job.path = await self._complete(job, origin, size)
+            with log_context(task=str(job.digest)):
+                job.path = await self._complete(job, origin, size)
         except P2PDistError as exc:
             job.error = exc
         except Exception as exc:  # a bug: keep the daemon up, tell the waiters
             log.exception("download of %s failed", job.digest)
             job.error = exc
         finally:
+            timer.done(ok=job.error is None and job.path is not None)
             job.done.set()
             job.notify()
             # Successful jobs are forgotten (the store has the blob); failed ones too,
@@ -281,6 +292,7 @@ class Node:
         existing = await trio.to_thread.run_sync(self.store.checked_blob_path, digest)
         if existing is not None:
             job.plan = PiecePlan(existing.stat().st_size, self.config.piece_size)
+            self.metrics.record_received("local", job.plan.size)
             return existing
         source = await self.source_for(digest, origin)
         ranges = True
@@ -325,6 +337,7 @@ class Node:
                     fetch_slots=self.fetch_slots,
                     priority=job.seq,
                     peer_conns=self.peer_conns,
+                    metrics=self.metrics,
                 )
                 job.stats = stats
                 self.stats[digest] = stats
@@ -372,7 +385,8 @@ class Node:
 async def open_node(
     config: NodeConfig, *, link: SchedulerLink | None = None
 ) -> AsyncIterator[Node]:
-    store = await trio.to_thread.run_sync(PieceStore, config.data_dir)
+    metrics = NodeMetrics()
+    store = await trio.to_thread.run_sync(partial(PieceStore, config.data_dir, observer=metrics))
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     async with (
         httpx.AsyncClient(
@@ -383,7 +397,7 @@ async def open_node(
         ) as peers,
         trio.open_nursery() as nursery,
     ):
-        node = Node(config, store, nursery=nursery, link=link, peers=peers)
+        node = Node(config, store, nursery=nursery, link=link, peers=peers, metrics=metrics)
         try:
             yield node
         finally:

@@ -51,6 +51,7 @@ serves the same blobs to any peer anyway (see the README on private images).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -103,6 +104,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("p2pdist.proxy")
+
+_cache_hit: contextvars.ContextVar[bool] = contextvars.ContextVar("proxy_hit", default=False)
+"""Set while a request is answered from the node's store or manifest cache (metrics)."""
 
 API_VERSION_HEADER: Final = ("Docker-Distribution-API-Version", "registry/2.0")
 _STREAM_POLL: Final = 0.25
@@ -394,11 +398,22 @@ class RegistryProxy:
         self._own_credentials: dict[str, bool] = {}
 
     async def handle(self, request: Request) -> Response:
+        token = _cache_hit.set(False)
+        status: int | None = None  # None: cancelled (the client went away)
         try:
             response = await self._route(request)
+            status = response.status
         except HTTPError as exc:
+            status = exc.status
             exc.headers.append(API_VERSION_HEADER)
             raise
+        except Exception:
+            status = 500  # what the server answers to a handler's bug
+            raise
+        finally:
+            if status is not None and request.path.startswith("/v2"):
+                self.node.metrics.record_proxy(status, _cache_hit.get())
+            _cache_hit.reset(token)
         response.headers.append(API_VERSION_HEADER)
         return response
 
@@ -583,6 +598,7 @@ class RegistryProxy:
         if digest is not None:
             cached = await self.manifests.get(digest)
             if cached is not None:
+                _cache_hit.set(True)
                 self._note_sizes(cached.media_type, cached.data)
                 return _manifest_response(cached.digest, cached.media_type, cached.data, head)
         accept = request.headers.get("accept") or ", ".join(ALL_MANIFEST_TYPES)
@@ -623,10 +639,12 @@ class RegistryProxy:
         if not _accepts(accept, entry.media_type):
             return None
         if head:
+            _cache_hit.set(True)
             return _manifest_head(entry.digest, entry.media_type, entry.size)
         cached = await self.manifests.get(entry.digest)
         if cached is None:
             return None
+        _cache_hit.set(True)
         self._note_sizes(cached.media_type, cached.data)
         return _manifest_response(cached.digest, cached.media_type, cached.data, head=False)
 
@@ -758,9 +776,11 @@ class RegistryProxy:
         if path is None:
             return None
         try:
-            return file_response(path, request.headers.get("range"), headers)
+            response = file_response(path, request.headers.get("range"), headers)
         except FileNotFoundError:
             return None
+        _cache_hit.set(True)
+        return response
 
     async def _blob_size_upstream(self, up: _Upstream, digest: Digest) -> int:
         response = await self._open(

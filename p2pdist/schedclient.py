@@ -77,6 +77,8 @@ class SchedulerClient:
         self._plans: dict[str, tuple[int, int]] = {}
         self._complete: set[str] = set()
         """Complete blobs the scheduler has been told of (announced or completed)."""
+        self.reachable: bool | None = None
+        """Whether the last exchange with a scheduler succeeded (None: none yet)."""
 
     @property
     def host_id(self) -> str:
@@ -98,6 +100,7 @@ class SchedulerClient:
             if resp.status_code >= 500:
                 last = NetworkError(f"scheduler {url} answered {resp.status_code}")
                 continue
+            self.reachable = True
             if resp.status_code != 200:
                 raise NetworkError(
                     f"scheduler {url} refused {type(event).__name__}: "
@@ -108,6 +111,7 @@ class SchedulerClient:
                 return decode_answer(resp.json())
             except ValueError as exc:
                 raise NetworkError(f"scheduler {url}: malformed answer: {exc}") from None
+        self.reachable = False
         raise SchedulerUnavailable(
             f"no scheduler reachable ({', '.join(self.urls)}): {type(last).__name__}"
         )

@@ -87,7 +87,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Self, cast
+from typing import Any, BinaryIO, Literal, Protocol, Self, cast
 
 from .digest import Digest
 from .errors import (
@@ -103,6 +103,7 @@ from .pieces import PiecePlan
 __all__ = [
     "FORMAT_VERSION",
     "BlobComplete",
+    "PieceObserver",
     "PieceStore",
     "Task",
     "TaskBusy",
@@ -236,6 +237,17 @@ class _TaskLock:
         self.fd = None
 
 
+class PieceObserver(Protocol):
+    """Told of every piece the store verifies or refuses (the daemon's metrics); called
+    from the writing thread."""
+
+    def piece_verified(self) -> None: ...
+
+    def piece_rejected(
+        self, reason: Literal["sha256", "length", "conflict", "scheduler"], n: int = 1
+    ) -> None: ...
+
+
 class PieceStore:
     """Blobs and partial tasks under ``root``.  See the module docstring."""
 
@@ -245,8 +257,10 @@ class PieceStore:
         *,
         durable: bool = False,
         preallocate: bool = True,
+        observer: PieceObserver | None = None,
     ) -> None:
         self.root = Path(root)
+        self.observer = observer
         self.durable = durable
         self.preallocate = preallocate
         self._open: weakref.WeakValueDictionary[Digest, Task] = weakref.WeakValueDictionary()
@@ -723,7 +737,10 @@ class Task:
         """
         length = self.plan.length(index)
         mv = memoryview(data).cast("B")
+        observer = self._store.observer
         if mv.nbytes != length:
+            if observer is not None:
+                observer.piece_rejected("length")
             raise PieceMismatch(
                 f"piece {index} of {self.digest}: got {mv.nbytes} bytes, expected {length}",
                 index=index,
@@ -735,6 +752,8 @@ class Task:
             return self._check_recorded(index, recorded, expected_sha256)
         sha = hashlib.sha256(mv).digest()
         if expected_sha256 is not None and sha.hex() != expected_sha256:
+            if observer is not None:
+                observer.piece_rejected("sha256")
             raise PieceMismatch(
                 f"piece {index} of {self.digest}: sha256 {sha.hex()} != expected {expected_sha256}",
                 index=index,
@@ -760,6 +779,8 @@ class Task:
                 self._hashes[index] = sha
                 self._verified_count += 1
                 self._verified_bytes += length
+            if observer is not None:
+                observer.piece_verified()
         finally:
             with self._cond:
                 self._writing.discard(index)
@@ -769,6 +790,8 @@ class Task:
 
     def _check_recorded(self, index: int, recorded: bytes, expected: str | None) -> str:
         if expected is not None and recorded.hex() != expected:
+            if self._store.observer is not None:
+                self._store.observer.piece_rejected("conflict")
             raise PieceMismatch(
                 f"piece {index} of {self.digest} is already verified with sha256 "
                 f"{recorded.hex()}, not {expected}",

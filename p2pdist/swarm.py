@@ -37,12 +37,14 @@ from scheduler import Assignment, PieceSource
 from .digest import Digest
 from .download import DownloadStats, ProgressFn, SourceFetcher, download
 from .errors import DigestMismatch, NetworkError, PieceMismatch, PlanConflict, collapse_groups
+from .logs import log_context
 from .peer import PeerError, fetch_piece, report_bad_piece
 from .peerclient import PeerConnections
 from .ratelimit import UNLIMITED, Bandwidth
 from .source import Source, SourceInfo
 
 if TYPE_CHECKING:
+    from .metrics import NodeMetrics
     from .store import Task
 
 __all__ = ["SchedulerLink", "SwarmStats", "swarm_download"]
@@ -167,7 +169,9 @@ class _Swarm:
         fetch_slots: FetchSlots | None = None,
         priority: int = 0,
         peer_conns: PeerConnections | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.bandwidth = bandwidth
         self.peer_conns = peer_conns or PeerConnections()
         self.fetch_slots = fetch_slots or FetchSlots(concurrency)
@@ -230,6 +234,8 @@ class _Swarm:
             # The scheduler's hash list disagrees with what we stored: those pieces must
             # not be served or kept; the whole-blob check settles who was right.
             log.warning("scheduler rejected pieces %s of %s", list(rejected)[:8], self.digest)
+            if self.metrics is not None:
+                self.metrics.piece_rejected("scheduler", len(rejected))
             await trio.to_thread.run_sync(self.task.drop_pieces, rejected)
 
     async def _reporter(self) -> None:
@@ -250,7 +256,8 @@ class _Swarm:
             if expected is None:  # the scheduler never assigns these; be safe anyway
                 return
             async with self.fetch_slots.slot(self.priority):
-                reason = await self._fetch_from_parent(pp, expected)
+                with log_context(peer=pp.parent_id):
+                    reason = await self._fetch_from_parent(pp, expected)
         finally:
             # Free the piece *before* telling the scheduler: its next answer may hand the
             # piece straight back (to another parent, or as a source lease).
@@ -279,6 +286,8 @@ class _Swarm:
                 await trio.to_thread.run_sync(self.task.write_piece, index, data, expected)
                 self.stats.from_peers += len(data)
                 self.stats.peer_wire += wire
+                if self.metrics is not None:
+                    self.metrics.record_received("peer", len(data))
                 self._record(index, None)
             except PieceMismatch:
                 self.stats.bad_pieces += 1
@@ -305,6 +314,9 @@ class _Swarm:
                 await fetcher.fetch_spans([run])
         finally:
             self.stats.from_source += fetcher.stats.received
+            if self.metrics is not None:
+                self.metrics.record_received("registry", fetcher.stats.received)
+                self.metrics.record_back_to_source(fetcher.stats.requests)
             for index in run:
                 self.inflight.discard(index)
             self.slots.release()
@@ -407,11 +419,15 @@ async def swarm_download(
     fetch_slots: FetchSlots | None = None,
     priority: int = 0,
     peer_conns: PeerConnections | None = None,
+    metrics: NodeMetrics | None = None,
 ) -> tuple[Path, SwarmStats]:
     """Complete ``task`` through the swarm (or from ``source`` alone when ``link`` is
-    None or the scheduler is unreachable) and commit it.  Returns the blob's path."""
+    None or the scheduler is unreachable) and commit it.  Returns the blob's path.
+    ``metrics`` counts the bytes by source as they arrive."""
     stats = SwarmStats(size=task.plan.size)
     stats.reused = task.verified_bytes
+    if metrics is not None:
+        metrics.record_received("local", stats.reused)
     started = time.perf_counter()
     epoch: int | None = None
     if link is not None and task.missing():
@@ -428,6 +444,7 @@ async def swarm_download(
             fetch_slots=fetch_slots,
             priority=priority,
             peer_conns=peer_conns,
+            metrics=metrics,
         )
         try:
             with collapse_groups():
@@ -455,6 +472,9 @@ async def swarm_download(
         await _quietly(link.mismatch(task.digest, epoch))
         raise
     stats.from_source += dstats.received
+    if metrics is not None:
+        metrics.record_received("registry", dstats.received)
+        metrics.record_back_to_source(dstats.requests)
     stats.seconds = time.perf_counter() - started
     if link is not None:
         hashes = {i: h for i, h in enumerate(task.piece_hashes()) if h is not None}
