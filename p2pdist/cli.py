@@ -193,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--upload-rate", help="send to peers at most this, e.g. 100Mbit")
     daemon.add_argument("--source-rate", help="fetch from registries at most this, e.g. 50Mbit")
     daemon.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    daemon.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text or JSON objects (default: config log_format, "
+        "$P2PDIST_LOG_FORMAT, else text)",
+    )
 
     setup = sub.add_parser(
         "setup",
@@ -234,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sched.add_argument("--listen", default="0.0.0.0:65004", help="HOST:PORT (0.0.0.0:65004)")
     sched.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sched.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("P2PDIST_LOG_FORMAT") or "text",
+        help="log lines as text or JSON objects (default $P2PDIST_LOG_FORMAT, else text)",
+    )
     sched.add_argument(
         "--cluster-token-file",
         default=os.environ.get("P2PDIST_CLUSTER_TOKEN_FILE"),
@@ -317,20 +329,18 @@ def _run_interruptibly(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         raise KeyboardInterrupt
 
 
-def _logging(level: str) -> None:
+def _logging(level: str, fmt: str) -> None:
     import logging
 
-    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise UsageError(f"invalid --log-level {level!r}")
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from .logs import configure_logging
+
+    configure_logging(level, fmt)  # UsageError for a bad level or format
+    logging.captureWarnings(True)  # Python's warnings become log lines too
 
 
 def _run_daemon(args: argparse.Namespace) -> None:
     from .daemon import run_daemon
 
-    _logging(args.log_level)
     config = load_node_config(
         args.config,
         overrides={
@@ -350,8 +360,10 @@ def _run_daemon(args: argparse.Namespace) -> None:
             "upload_rate": args.upload_rate,
             "source_rate": args.source_rate,
             "cluster_token_file": args.cluster_token_file,
+            "log_format": args.log_format,
         },
     )
+    _logging(args.log_level, config.log_format)
     trio.run(run_daemon, config)
 
 
@@ -404,7 +416,9 @@ def _run_scheduler(args: argparse.Namespace) -> None:
 
     from .config import split_hostport
 
-    _logging(args.log_level)
+    if args.log_format not in ("text", "json"):  # from $P2PDIST_LOG_FORMAT
+        raise UsageError(f"invalid log format {args.log_format!r}: expected text or json")
+    _logging(args.log_level, args.log_format)
     from .clusterauth import read_token
 
     host, port = split_hostport(args.listen, what="--listen")

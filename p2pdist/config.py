@@ -196,6 +196,8 @@ class NodeConfig:
     proxy_tag_ttl: float = 0.0
     """Seconds the proxy answers a tag from its cache before asking the upstream again
     (0: every tag request goes upstream; the cache then only serves when it is down)."""
+    log_format: str = "text"
+    """The daemon's log lines: ``text`` or ``json`` (:mod:`p2pdist.logs`)."""
 
     def registry(self, host: str) -> RegistryConfig:
         """The settings for ``host``; credentials from the environment apply to it when
@@ -243,6 +245,8 @@ class NodeConfig:
             raise ConfigError("proxy_tag_ttl must be between 0 and 86400 seconds")
         if not 1 <= self.upload_slots <= 1024:
             raise ConfigError("upload_slots must be between 1 and 1024")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"invalid log_format {self.log_format!r}: expected text or json")
         return self
 
 
@@ -327,6 +331,7 @@ _SIMPLE_KEYS = (
     "proxy_listen",
     "upstream",
     "proxy_tag_ttl",
+    "log_format",
 )
 
 

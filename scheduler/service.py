@@ -6,6 +6,7 @@ Endpoints (all JSON):
   answers the :class:`Answer` as JSON (``{"type": "Assignment", ...}``).  400 for a
   malformed event.
 * ``GET /healthz`` (alive), ``GET /readyz`` (serving), ``GET /api/v1/stats``.
+* ``GET /metrics``: Prometheus metrics (``scheduler._metrics``).
 
 The clock is trio's (monotonic); a background loop calls :meth:`Scheduler.tick` so hosts
 that stop sending heartbeats expire even when nobody asks.
@@ -32,10 +33,12 @@ from p2pdist.httpserver import (
     raise_open_file_limit,
     serve_http,
 )
+from p2pdist.metrics import metrics_response
 
 from ._codec import decode_event, encode
 from ._config import SchedulerConfig
 from ._core import Scheduler
+from ._metrics import SchedulerMetrics
 
 __all__ = ["SchedulerService", "run_scheduler", "serve_scheduler"]
 
@@ -51,6 +54,12 @@ class SchedulerService:
     events: int = 0
     token: str | None = field(default=None, repr=False)
     """The cluster token events must carry (None: no cluster auth)."""
+    metrics: SchedulerMetrics = field(default_factory=SchedulerMetrics)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch(
+            hosts=lambda: len(self.scheduler.hosts), tasks=lambda: len(self.scheduler.tasks)
+        )
 
     def now(self) -> float:
         return trio.current_time()
@@ -66,12 +75,18 @@ class SchedulerService:
             except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nesting
                 raise HTTPError(400, f"invalid event: {str(exc)[:200]}") from None
             self.events += 1
+            started = time.perf_counter()
             answer = self.scheduler.handle(event, self.now())
+            self.metrics.record(type(event).__name__, answer, time.perf_counter() - started)
             return Response.json(encode(answer))
         if request.method not in ("GET", "HEAD"):
             raise HTTPError(405, "method not allowed")
-        if request.path in ("/healthz", "/readyz"):
+        if request.path == "/healthz":
             return Response.json({"status": "ok"})
+        if request.path == "/readyz":  # serving: it answers, and decides from what it knows
+            return Response.json({"status": "ok", "hosts": len(self.scheduler.hosts)})
+        if request.path == "/metrics":
+            return await metrics_response([self.metrics.registry])
         if request.path == "/api/v1/stats":
             return Response.json(
                 {
