@@ -122,3 +122,8 @@ def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # httpx logs every request at INFO (each heartbeat, each scheduler event): only at
+    # DEBUG is that wanted.
+    quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(quiet)

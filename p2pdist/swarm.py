@@ -284,6 +284,7 @@ class _Swarm:
                     throttle=self._throttle_peer,
                 )
                 await trio.to_thread.run_sync(self.task.write_piece, index, data, expected)
+                log.debug("piece %d of %s from %s: %d B", index, self.digest, pp.parent_id, wire)
                 self.stats.from_peers += len(data)
                 self.stats.peer_wire += wire
                 if self.metrics is not None:
