@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from .errors import P2PDistError
 from .httpserver import Response
 
 __all__ = [
@@ -171,7 +172,7 @@ class _StoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             blobs, size = self._read()
-        except OSError:
+        except (OSError, P2PDistError):  # the store unreadable: /readyz says so
             return
         yield GaugeMetricFamily("p2pdist_store_blobs", "Complete blobs in the store", value=blobs)
         yield GaugeMetricFamily(

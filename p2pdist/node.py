@@ -266,7 +266,9 @@ class Node:
         return job
 
     def active_downloads(self) -> int:
-        return sum(1 for job in self._jobs.values() if not job.done.is_set())
+        """Downloads in progress (read by metrics scrapes, from a worker thread: the
+        ``list`` copy is one step under the GIL, safe while the event loop adds jobs)."""
+        return sum(1 for job in list(self._jobs.values()) if not job.done.is_set())
 
     async def _run(self, job: Job, origin: BlobOrigin, size: int | None) -> None:
         timer = self.metrics.time_task()
