@@ -284,6 +284,7 @@ class _Daemon:
                     "seconds": round(s.seconds, 3),
                     "bad_pieces": s.bad_pieces,
                     "fallback": s.fallback,
+                    "stragglers": s.stragglers,
                 }
             )
         if request.method not in ("GET", "HEAD"):
