@@ -76,8 +76,9 @@ Failures (``ReportPieceFailure``)
     the registry fetch failed; the lease is released.  Only a failure matching an
     outstanding assignment counts towards the doubling, so repeats are harmless.  A
     parent penalised after a counted failure is *failing* until that penalty ends (after
-    a ``straggler`` only when benched: it is serving, slowly): a piece only failing
-    parents hold is leased to the registry (rule 2 above).
+    a ``slow`` or ``straggler`` only when benched: it is serving, slowly, and on a
+    congested link every parent is slow now and then): a piece only failing parents
+    hold is leased to the registry (rule 2 above).
 
 Endgame (``straggler``)
     A host whose piece has been in flight from its parent far longer than its other
@@ -536,9 +537,9 @@ class Scheduler:
                 # would hold its ranges back until it expires.  Re-lease them now (if it
                 # is alive after all, those ranges leave the registry twice).
                 self._release_all_leases(parent)
-        elif ev.reason == "slow":
-            self._penalise(parent, now, cfg.slow_penalty, counted=matched)
-        elif ev.reason == "straggler":  # serving, slowly: failing only once benched
+        elif ev.reason in ("slow", "straggler"):  # serving, slowly: failing once benched
+            # On a congested link every parent is slow now and then: treating that as
+            # failing would send its pieces to the registry (needs_source).
             self._penalise(parent, now, cfg.slow_penalty, counted=matched, failing=False)
         elif ev.reason == "missing":
             self._penalise(parent, now, cfg.error_penalty, counted=matched)

@@ -729,3 +729,22 @@ def test_assignments_respect_the_rules(script: list[tuple[str, int, int]]) -> No
                 for holder in task.holders[i]:
                     assert holder in task.peers and task.peers[holder].have[i]
                     assert holder not in task.excluded and holder in s.hosts
+
+
+def test_pieces_only_a_slow_parent_holds_wait_for_it() -> None:
+    # On a congested link every parent misses the piece timeout now and then: a "slow"
+    # parent is serving, and its pieces must not go to the registry until it is benched.
+    cfg = SchedulerConfig(
+        heartbeat_timeout=1e9, slow_penalty=0.5, avoid_after_failures=3, avoid_duration=100.0
+    )
+    s = Scheduler(cfg)
+    for h in ("a", "me"):
+        join(s, h, slots=2 * COUNT)
+    report_source(s, "a", [0])
+    task = s.tasks[D]
+    assert [(p.parent_id, p.piece) for p in assign(s, "me", 0.0).from_peers] == [("a", 0)]
+    s.handle(ReportPieceFailure("me", D, "a", 0, "slow"), 1.0)
+    assert s.hosts["a"].penalised_until == 1.5  # counted: penalised ...
+    assert not needs_source(task, 0, s.hosts, 1.1, cfg)  # ... but not failing
+    assert 0 not in assign(s, "me", 1.1).from_source
+    assert [(p.parent_id, p.piece) for p in assign(s, "me", 1.6).from_peers] == [("a", 0)]
