@@ -532,7 +532,11 @@ class Scheduler:
             pass
         elif ev.reason == "error":
             self._penalise(parent, now, cfg.error_penalty, counted=matched)
-            if matched and len(parent.failures) >= cfg.avoid_after_failures:
+            if matched:
+                parent.errors.append(now)
+                while parent.errors and parent.errors[0] <= now - cfg.failure_window:
+                    parent.errors.popleft()
+            if matched and len(parent.errors) >= cfg.avoid_after_failures:
                 # Peers cannot reach it: it may be dead, and a dead host's source leases
                 # would hold its ranges back until it expires.  Re-lease them now (if it
                 # is alive after all, those ranges leave the registry twice).
