@@ -88,12 +88,17 @@ class SchedulerService:
         if request.path == "/metrics":
             return await metrics_response([self.metrics.registry])
         if request.path == "/api/v1/stats":
+            now = self.now()
             return Response.json(
                 {
                     "hosts": len(self.scheduler.hosts),
                     "tasks": len(self.scheduler.tasks),
                     "events": self.events,
                     "uptime_seconds": round(time.monotonic() - self.started, 1),
+                    # Parents not offered now after failures (ids, sorted; at most 100).
+                    "penalised": sorted(
+                        h.host_id for h in self.scheduler.hosts.values() if h.penalised_until > now
+                    )[:100],
                 }
             )
         raise HTTPError(404, "not found")
