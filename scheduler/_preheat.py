@@ -104,7 +104,9 @@ class Selection:
     def from_json(cls, body: Mapping[str, Any]) -> Selection:
         """From a request body: at most one of ``"nodes": N``, ``"percent": P``,
         ``"all": true``; none of them = one node."""
-        given = [k for k in ("nodes", "percent", "all") if body.get(k) not in (None, False)]
+        given = [k for k in ("nodes", "percent") if body.get(k) is not None]
+        if body.get("all") is not None and body.get("all") is not False:
+            given.append("all")
         if len(given) > 1:
             raise PreheatError(f"give at most one of nodes, percent, all (got {', '.join(given)})")
         if not given:
