@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from p2pdist.preheat import PreheatRequest, format_node, format_status
 from p2pdist.errors import UsageError
+from p2pdist.preheat import PreheatRequest, format_node, format_status
 from scheduler import (
     Ack,
     Candidate,
