@@ -1,0 +1,329 @@
+"""``p2pdist preheat`` end to end, and its bad input.
+
+The integration tests run a real ``docker-registry`` (behind a FaultProxy that records
+every request, so the registry's bytes can be counted), a real scheduler and three real
+daemons (subprocesses, ``bench/cluster.py``), and the real command line.  The bad-input
+tests run the scheduler in this event loop and the CLI in-process or as a subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from bench.cluster import Cluster, DaemonProc, http_json, wait_until
+from bench.image import Image, make_image, push_image
+from bench.localregistry import LocalRegistry
+from p2pdist.cli import main
+from scheduler.service import serve_scheduler
+from tests.faultproxy import FaultProxy
+from tests.helpers import requires_registry
+from tests.test_swarm import registry_bytes
+
+MiB = 1 << 20
+PYTHON = sys.executable
+TOKEN = "p2pdist-preheat-" + "5e1f" * 8
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(registry: LocalRegistry) -> Iterator[FaultProxy]:
+    with FaultProxy(registry.url) as p:
+        yield p
+
+
+def preheat_cmd(c: Cluster, image: str, *args: str) -> list[str]:
+    return [
+        PYTHON,
+        "-m",
+        "p2pdist",
+        "preheat",
+        image,
+        "--scheduler",
+        c.scheduler_url,
+        "--interval",
+        "0.3",
+        *args,
+    ]
+
+
+def run_cli(argv: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def holds(d: DaemonProc, image: Image) -> dict[str, bool]:
+    """For each blob of ``image``: is it complete in the daemon's store, with the right
+    bytes?"""
+    out = {}
+    for digest, data in image.blobs().items():
+        path = d.blob_file(digest)
+        out[digest] = path.is_file() and hashlib.sha256(path.read_bytes()).digest() == (
+            hashlib.sha256(data).digest()
+        )
+    return out
+
+
+def registry_egress(proxy: FaultProxy, image: Image) -> float:
+    """Bytes of the image's blobs the registry served, in copies of the image."""
+    sent = sum(registry_bytes(proxy, d, len(b)) for d, b in image.blobs().items())
+    return sent / image.blobs_size
+
+
+def jobs(c: Cluster) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] = http_json(f"{c.scheduler_url}/api/v1/preheat")["jobs"]
+    return listed
+
+
+# -- end to end -----------------------------------------------------------------------------
+
+
+@requires_registry
+@pytest.mark.integration
+def test_preheat_nodes_then_a_pull_from_peers_then_all(
+    registry: LocalRegistry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    image_a = make_image(size=6 * MiB, layers=3, layer_format="gzip", seed=71)
+    image_b = make_image(size=4 * MiB, layers=2, layer_format="gzip", seed=72)
+    push_image(registry.url, "preheat/a", "v1", image_a)
+    push_image(registry.url, "preheat/b", "v1", image_b)
+    ref_a, ref_b = f"{proxy.host}/preheat/a:v1", f"{proxy.host}/preheat/b:v1"
+    with Cluster(tmp_path / "c", daemons=3, piece_size="1MiB") as c:
+        # 1. --nodes 2: exactly two nodes hold every blob, verified; the third none.
+        r = run_cli(preheat_cmd(c, ref_a, "--nodes", "2", "--timeout", "90"))
+        assert r.returncode == 0, r.stderr + c.log_tails()
+        print(r.stderr)
+        assert "nodes done" in r.stderr and "preheated" in r.stderr
+        assert r.stderr.count("\n") >= 3  # the job line, progress lines, the summary
+        [job] = jobs(c)
+        assert job["state"] == "done" and job["manifest"] == image_a.manifest_digest
+        chosen = [n["host_id"] for n in job["nodes"]]
+        assert len(chosen) == 2
+        for n in job["nodes"]:
+            assert n["blobs_done"] == n["blobs_total"] == len(image_a.blobs())
+            assert n["bytes_done"] == n["bytes_total"] == image_a.blobs_size
+        [other] = [d for d in c.daemons if d.host_id not in chosen]
+        for d in c.daemons:
+            held = holds(d, image_a)
+            if d is other:
+                assert not any(held.values()), f"{d.host_id} was not chosen but holds {held}"
+            else:
+                assert all(held.values()), f"{d.host_id} was chosen but holds {held}"
+        warmed = registry_egress(proxy, image_a)
+        assert warmed <= 1.1, f"the registry sent {warmed:.2f}x the image for two nodes"
+
+        # 2. A later pull on the third node takes its bytes from the preheated peers.
+        out = tmp_path / "layout"
+        pull = [PYTHON, "-m", "p2pdist", "pull", ref_a, "--output", str(out)]
+        r = run_cli([*pull, "--daemon", other.api_url, "--no-progress"])
+        assert r.returncode == 0, r.stderr + c.log_tails()
+        for digest, data in image_a.blobs().items():
+            s = http_json(f"{other.api_url}/api/v1/blobs/{digest}/stats")
+            assert s["from_source"] == 0 and s["from_peers"] == len(data), (digest, s)
+        after = registry_egress(proxy, image_a)
+        assert after == warmed, f"the pull asked the registry for {after - warmed:.2f}x more"
+        print(f"registry egress for image A: {after:.3f}x the image (3 nodes hold it)")
+
+        # 3. --all: every node holds every blob of another image.
+        r = run_cli(preheat_cmd(c, ref_b, "--all", "--timeout", "90"))
+        assert r.returncode == 0, r.stderr + c.log_tails()
+        job_b = next(j for j in jobs(c) if j["image"] == ref_b)
+        assert sorted(n["host_id"] for n in job_b["nodes"]) == ["n0", "n1", "n2"]
+        for d in c.daemons:
+            held = holds(d, image_b)
+            assert all(held.values()), f"{d.host_id}: {held}"
+        egress_b = registry_egress(proxy, image_b)
+        print(f"registry egress for image B (--all, 3 nodes): {egress_b:.3f}x the image")
+        assert egress_b <= 1.1
+
+
+@requires_registry
+@pytest.mark.integration
+def test_a_chosen_node_that_leaves_fails_the_preheat_there(
+    registry: LocalRegistry, tmp_path: Path
+) -> None:
+    image = make_image(size=6 * MiB, layers=2, layer_format="gzip", seed=73)
+    push_image(registry.url, "preheat/leave", "v1", image)
+    c = Cluster(tmp_path / "c", daemons=3, piece_size="1MiB")
+    # n2 receives at 2 Mbit/s: it cannot finish 6 MiB before it is stopped.
+    c.daemons[2].argv += ["--download-rate", "2Mbit"]
+    with c:
+        cli = subprocess.Popen(
+            preheat_cmd(c, f"{registry.host}/preheat/leave:v1", "--all", "--timeout", "90"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+
+            def n2_running() -> bool:
+                listed = jobs(c)
+                return bool(listed) and any(
+                    n["host_id"] == "n2" and n["state"] == "running" for n in listed[0]["nodes"]
+                )
+
+            wait_until(n2_running, timeout=30, what="n2 reports the preheat running")
+            c.daemons[2].stop()  # SIGTERM: the daemon leaves the swarm
+            _, err = cli.communicate(timeout=90)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait()
+        assert cli.returncode == 4, err
+        lines = [line for line in err.splitlines() if line.startswith("p2pdist: error:")]
+        assert len(lines) == 1 and "failed on n2" in lines[0] and "left the swarm" in lines[0]
+        assert "Traceback" not in err
+        [job] = jobs(c)
+        states = {n["host_id"]: n["state"] for n in job["nodes"]}
+        assert states == {"n0": "done", "n1": "done", "n2": "failed"}, job
+        assert job["state"] == "failed"
+        for d in c.daemons[:2]:
+            assert all(holds(d, image).values())
+
+
+# -- bad input: the scheduler's API -----------------------------------------------------------
+
+
+async def _post(client: httpx.AsyncClient, url: str, body: Any) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await client.post(f"{url}/api/v1/preheat", content=content)
+
+
+async def test_the_scheduler_refuses_bad_preheats_with_oci_errors() -> None:
+    image = "127.0.0.1:5000/team/app:v1"
+    cases: list[tuple[Any, int, str]] = [
+        (b"{not json", 400, "PREHEAT_INVALID"),
+        ([image], 400, "PREHEAT_INVALID"),
+        ({}, 400, "NAME_INVALID"),
+        ({"image": 5}, 400, "NAME_INVALID"),
+        ({"image": "Team/App:v1"}, 400, "NAME_INVALID"),
+        ({"image": "127.0.0.1:5000/app:bad tag"}, 400, "NAME_INVALID"),
+        ({"image": image, "nodes": 0}, 400, "PREHEAT_INVALID"),
+        ({"image": image, "nodes": -3}, 400, "PREHEAT_INVALID"),
+        ({"image": image, "nodes": "2"}, 400, "PREHEAT_INVALID"),
+        ({"image": image, "percent": 150}, 400, "PREHEAT_INVALID"),
+        ({"image": image, "percent": 0}, 400, "PREHEAT_INVALID"),
+        ({"image": image, "nodes": 1, "all": True}, 400, "PREHEAT_INVALID"),
+        ({"image": image, "bogus": 1}, 400, "PREHEAT_INVALID"),
+        ({"image": image, "platform": "linux"}, 400, "PLATFORM_INVALID"),
+        ({"image": image, "platform": 7}, 400, "PLATFORM_INVALID"),
+        ({"image": image, "nodes": 2}, 409, "NOT_ENOUGH_NODES"),  # nobody registered
+        ({"image": image, "all": True}, 409, "NOT_ENOUGH_NODES"),
+    ]
+    async with trio.open_nursery() as nursery:
+        sched = await nursery.start(partial(serve_scheduler, "127.0.0.1", 0))
+        async with httpx.AsyncClient(trust_env=False) as client:
+            for body, status, code in cases:
+                resp = await _post(client, sched.url, body)
+                assert resp.status_code == status, (body, resp.text)
+                assert resp.json()["errors"][0]["code"] == code, (body, resp.text)
+            base = f"{sched.url}/api/v1/preheat"
+            assert (await client.get(f"{base}/ph-0123456789abcdef")).status_code == 404
+            for bad_id in ("ph-short", "ph-0123456789abcdef/x", "%2e%2e", "PH-0123456789ABCDEF"):
+                assert (await client.get(f"{base}/{bad_id}")).status_code == 404, bad_id
+            assert (await client.put(base, content=b"{}")).status_code == 405
+            assert (await client.post(f"{base}/ph-0123456789abcdef")).status_code == 405
+            assert (await client.get(base)).json() == {"jobs": []}
+        nursery.cancel_scope.cancel()
+
+
+async def test_preheat_needs_the_cluster_token_when_one_is_set() -> None:
+    async with trio.open_nursery() as nursery:
+        sched = await nursery.start(partial(serve_scheduler, "127.0.0.1", 0, token=TOKEN))
+        async with httpx.AsyncClient(trust_env=False) as client:
+            resp = await _post(client, sched.url, {"image": "127.0.0.1:5000/app:v1"})
+            assert resp.status_code == 401
+            resp = await client.post(
+                f"{sched.url}/api/v1/preheat",
+                content=json.dumps({"image": "127.0.0.1:5000/app:v1"}).encode(),
+                headers={"P2PDist-Token": TOKEN},
+            )
+            assert resp.status_code == 409  # past auth: no node is registered
+        # The command line says what is wrong in one line, exit 3.
+        result = await trio.run_process(
+            [PYTHON, "-m", "p2pdist", "preheat", "127.0.0.1:5000/app:v1", "--scheduler", sched.url],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        err = result.stderr.decode()
+        assert result.returncode == 3, err
+        assert err.startswith("p2pdist: error:") and "cluster token" in err
+        assert err.count("\n") == 1 and TOKEN not in err
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_command_reports_a_refused_selection_in_one_line() -> None:
+    async with trio.open_nursery() as nursery:
+        sched = await nursery.start(partial(serve_scheduler, "127.0.0.1", 0))
+        argv = [PYTHON, "-m", "p2pdist", "preheat", "127.0.0.1:5000/app:v1"]
+        result = await trio.run_process(
+            [*argv, "--scheduler", sched.url, "--nodes", "3"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        err = result.stderr.decode()
+        assert result.returncode == 2, err
+        assert err == (
+            "p2pdist: error: the scheduler refused the preheat: "
+            "no nodes are registered with the scheduler\n"
+        )
+        nursery.cancel_scope.cancel()
+
+
+# -- bad input: the command line ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["127.0.0.1:5000/app:v1", "--nodes", "0"], "--nodes"),
+        (["127.0.0.1:5000/app:v1", "--percent", "150"], "--percent"),
+        (["127.0.0.1:5000/app:v1", "--percent", "0"], "--percent"),
+        (["127.0.0.1:5000/app:v1", "--nodes", "2", "--all"], "not allowed with"),
+        (["127.0.0.1:5000/app:v1", "--timeout", "-1"], "--timeout"),
+        (["127.0.0.1:5000/app:v1", "--platform", "linux"], "--platform"),
+        (["127.0.0.1:5000/App:v1"], "invalid"),
+        (["127.0.0.1:5000/app:v1", "--scheduler", "ftp://x"], "scheduler URL"),
+        (["127.0.0.1:5000/app:v1", "--scheduler", ""], "no scheduler"),
+    ],
+)
+def test_bad_command_lines_are_one_line_exit_2(
+    args: list[str],
+    needle: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("P2PDIST_SCHEDULER", "P2PDIST_SCHEDULERS", "P2PDIST_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    if "--scheduler" not in args:
+        args = [*args, "--scheduler", "http://127.0.0.1:1"]
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(["preheat", *args]))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert err.startswith("p2pdist: error:") and err.count("\n") == 1, err
+    assert needle in err, err
+
+
+def test_an_unreachable_scheduler_is_exit_4(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.localregistry import free_port
+
+    port = free_port()  # nothing listens there
+    code = main(["preheat", "127.0.0.1:5000/app:v1", "--scheduler", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert err.startswith("p2pdist: error: scheduler") and "unreachable" in err
+    assert err.count("\n") == 1
