@@ -91,15 +91,34 @@ def format_node(node: dict[str, Any]) -> str:
     return text
 
 
+#: Up to this many nodes, a progress line shows each; beyond, counts per state.
+DETAILED_NODES = 8
+
+
+def _some_nodes(nodes: list[dict[str, Any]], most: int = DETAILED_NODES) -> str:
+    shown = "; ".join(format_node(n) for n in nodes[:most])
+    return shown + (f"; and {len(nodes) - most} more" if len(nodes) > most else "")
+
+
 def format_status(status: dict[str, Any]) -> str:
-    """One progress line: nodes done, bytes over all nodes, and each node's state."""
+    """One progress line: nodes done, bytes over all nodes, and each node's state (counts
+    per state, and the failed nodes, when there are many)."""
     nodes = status.get("nodes", [])
     done = sum(n.get("bytes_done", 0) for n in nodes)
     total = sum(n.get("bytes_total", 0) for n in nodes)
     head = f"preheat {status.get('id', '?')}: {status.get('nodes_done', 0)}/{len(nodes)} nodes done"
     if total:
         head += f", {format_bytes(done)}/{format_bytes(total)}"
-    return head + " [" + "; ".join(format_node(n) for n in nodes) + "]"
+    if len(nodes) <= DETAILED_NODES:
+        return head + " [" + _some_nodes(nodes) + "]"
+    counts: dict[str, int] = {}
+    for n in nodes:
+        counts[str(n.get("state"))] = counts.get(str(n.get("state")), 0) + 1
+    tail = ", ".join(f"{state} {count}" for state, count in sorted(counts.items()))
+    failed = [n for n in nodes if n.get("state") == "failed"]
+    if failed:
+        tail += "; " + _some_nodes(failed, 3)
+    return head + " [" + tail + "]"
 
 
 def _say(req: PreheatRequest, text: str) -> None:
@@ -183,7 +202,7 @@ async def run_preheat(req: PreheatRequest) -> dict[str, Any]:
         nodes = status.get("nodes", [])
         done = [n for n in nodes if n.get("state") == "done"]
         if scope.cancelled_caught:
-            waiting = "; ".join(format_node(n) for n in nodes if n.get("state") != "done")
+            waiting = _some_nodes([n for n in nodes if n.get("state") != "done"], 5)
             raise PreheatFailed(
                 f"preheat {job_id} not finished after {req.timeout:g}s: "
                 f"{len(done)}/{len(nodes)} nodes done ({waiting})"
@@ -192,8 +211,11 @@ async def run_preheat(req: PreheatRequest) -> dict[str, Any]:
         if failed:
             first = failed[0]
             code = first.get("exit_code")
+            names = ", ".join(str(n.get("host_id")) for n in failed[:5])
+            if len(failed) > 5:
+                names += f" and {len(failed) - 5} more"
             raise PreheatFailed(
-                f"preheat {job_id} failed on {', '.join(str(n.get('host_id')) for n in failed)}"
+                f"preheat {job_id} failed on {names}"
                 f" ({len(done)}/{len(nodes)} nodes done): {first.get('host_id')}: "
                 f"{first.get('error') or 'failed'}",
                 exit_code=code if isinstance(code, int) else EXIT_NETWORK,

@@ -311,9 +311,11 @@ class Scheduler:
         now = max(now, self._now)
         candidates = []
         for host in self._hosts.values():
-            downloading = sum(
-                1 for d in host.tasks if not self._tasks[d].peers[host.host_id].complete
-            )
+            downloading = 0
+            for digest in host.tasks:
+                task = self._tasks.get(digest)
+                pt = task.peers.get(host.host_id) if task is not None else None
+                downloading += pt is not None and not pt.complete
             candidates.append(
                 Candidate(
                     host.host_id,

@@ -282,6 +282,10 @@ def test_progress_lines() -> None:
     assert format_node(failed) == "n1: failed: left the swarm"
     line = format_status({"id": "ph-1", "nodes_done": 0, "nodes": [node, failed]})
     assert line.startswith("preheat ph-1: 0/2 nodes done, 1.0 MiB/4.0 MiB [n0: running")
+    # Many nodes: counts per state and the failed ones, not a line per node.
+    many = [{**node, "host_id": f"n{i}"} for i in range(1000)] + [failed]
+    line = format_status({"id": "ph-2", "nodes_done": 0, "nodes": many})
+    assert line.endswith("[failed 1, running 1000; n1: failed: left the swarm]")
 
 
 @pytest.mark.parametrize(
