@@ -189,20 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     preheat.add_argument(
         "--scheduler",
         default=os.environ.get("P2PDIST_SCHEDULER"),
+        metavar="URL",
         help="scheduler URL (default $P2PDIST_SCHEDULER, else the config's first scheduler)",
     )
     which = preheat.add_mutually_exclusive_group()
-    which.add_argument("--nodes", type=_positive, help="this many nodes")
-    which.add_argument("--percent", type=_percent, help="this percentage of the nodes (0-100]")
+    which.add_argument("--nodes", type=_positive, metavar="N", help="this many nodes")
+    which.add_argument(
+        "--percent", type=_percent, metavar="P", help="this percentage of the nodes (0-100]"
+    )
     which.add_argument("--all", action="store_true", help="every registered node")
     preheat.add_argument(
         "--platform", type=_platform, help="os/arch[/variant] to pick from an index"
     )
     preheat.add_argument(
-        "--timeout", type=_seconds, default=600.0, help="give up after this many seconds (600)"
+        "--timeout",
+        type=_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up after this many seconds (600)",
     )
     preheat.add_argument(
-        "--interval", type=_seconds, default=1.0, help="seconds between progress polls (1)"
+        "--interval",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between progress polls (1)",
     )
     preheat.add_argument("--config", help="config file (TOML)")
     preheat.add_argument(

@@ -189,6 +189,7 @@ async def run_preheat(req: PreheatRequest) -> dict[str, Any]:
             f"node{'s' if len(chosen) != 1 else ''} ({', '.join(chosen)})",
         )
         last_line = ""
+        unreachable = False
         with trio.move_on_after(req.timeout) as scope:
             while True:
                 line = format_status(status)
@@ -198,7 +199,20 @@ async def run_preheat(req: PreheatRequest) -> dict[str, Any]:
                 if status.get("state") != "running":
                     break
                 await trio.sleep(req.interval)
-                status = await call("GET", f"/api/v1/preheat/{job_id}")
+                try:
+                    status = await call("GET", f"/api/v1/preheat/{job_id}")
+                    unreachable = False
+                except NetworkError as exc:
+                    # A blip or a scheduler restarting: the job goes on in the swarm;
+                    # keep asking until the timeout.
+                    if not unreachable:
+                        _say(req, f"{exc}; retrying")
+                    unreachable = True
+                except NotFound:
+                    raise PreheatFailed(
+                        f"scheduler {base} no longer knows preheat job {job_id} (restarted?); "
+                        "the nodes may have finished it: run the preheat again to check"
+                    ) from None
         nodes = status.get("nodes", [])
         done = [n for n in nodes if n.get("state") == "done"]
         if scope.cancelled_caught:

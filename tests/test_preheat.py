@@ -23,8 +23,10 @@ import trio
 
 from bench.cluster import Cluster, DaemonProc, http_json, wait_until
 from bench.image import Image, make_image, push_image
-from bench.localregistry import LocalRegistry
+from bench.localregistry import LocalRegistry, free_port
 from p2pdist.cli import main
+from p2pdist.errors import PreheatFailed
+from p2pdist.preheat import PreheatRequest, run_preheat
 from scheduler.service import serve_scheduler
 from tests.faultproxy import FaultProxy
 from tests.helpers import requires_registry
@@ -283,6 +285,73 @@ async def test_the_command_reports_a_refused_selection_in_one_line() -> None:
         nursery.cancel_scope.cancel()
 
 
+# -- the command when the job does not finish ---------------------------------------------------
+
+
+async def _register_silent_host(url: str) -> None:
+    """A host that registers and never heartbeats: it is chosen, and never does the job."""
+    async with httpx.AsyncClient(trust_env=False) as client:
+        event = {"type": "RegisterHost", "host_id": "silent", "addr": "127.0.0.1:9"}
+        resp = await client.post(f"{url}/api/v1/events", json=event)
+        assert resp.status_code == 200, resp.text
+
+
+async def test_the_command_times_out_with_a_one_line_error() -> None:
+    async with trio.open_nursery() as nursery:
+        sched = await nursery.start(partial(serve_scheduler, "127.0.0.1", 0))
+        await _register_silent_host(sched.url)
+        req = PreheatRequest(
+            image="127.0.0.1:5000/app:v1", scheduler=sched.url, timeout=1.0, interval=0.2
+        )
+        with pytest.raises(PreheatFailed, match="not finished after 1s: 0/1 nodes done") as exc:
+            await run_preheat(req)
+        assert "silent: pending" in str(exc.value) and exc.value.exit_code == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_command_says_when_the_scheduler_forgot_the_job(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port = free_port()
+    req = PreheatRequest(
+        image="127.0.0.1:5000/app:v1", scheduler=f"http://127.0.0.1:{port}", interval=0.2
+    )
+    async with trio.open_nursery() as nursery:
+        first = trio.CancelScope()
+
+        async def scheduler_then_restart() -> None:
+            with first:
+                await serve_scheduler("127.0.0.1", port)
+            await trio.sleep(0.5)  # down for a moment: the command keeps asking
+            await serve_scheduler("127.0.0.1", port)  # a fresh one: it knows no job
+
+        nursery.start_soon(scheduler_then_restart)
+        url = f"http://127.0.0.1:{port}"
+        with trio.fail_after(10):
+            while True:
+                try:
+                    await _register_silent_host(url)
+                    break
+                except httpx.HTTPError:
+                    await trio.sleep(0.05)
+
+        async def restart_once_the_job_exists() -> None:
+            async with httpx.AsyncClient(trust_env=False) as client:
+                with trio.fail_after(10):
+                    while True:
+                        if (await client.get(f"{url}/api/v1/preheat")).json()["jobs"]:
+                            break
+                        await trio.sleep(0.05)
+            first.cancel()
+
+        nursery.start_soon(restart_once_the_job_exists)
+        with pytest.raises(PreheatFailed, match="no longer knows preheat job"):
+            with trio.fail_after(20):
+                await run_preheat(req)
+        nursery.cancel_scope.cancel()
+    assert "unreachable" in capsys.readouterr().err  # it said so, and kept asking
+
+
 # -- bad input: the command line ---------------------------------------------------------------
 
 
@@ -319,8 +388,6 @@ def test_bad_command_lines_are_one_line_exit_2(
 
 
 def test_an_unreachable_scheduler_is_exit_4(capsys: pytest.CaptureFixture[str]) -> None:
-    from bench.localregistry import free_port
-
     port = free_port()  # nothing listens there
     code = main(["preheat", "127.0.0.1:5000/app:v1", "--scheduler", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err
