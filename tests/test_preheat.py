@@ -25,11 +25,16 @@ from bench.cluster import Cluster, DaemonProc, http_json, wait_until
 from bench.image import Image, make_image, push_image
 from bench.localregistry import LocalRegistry, free_port
 from p2pdist.cli import main
+from p2pdist.config import NodeConfig
+from p2pdist.digest import Digest
 from p2pdist.errors import PreheatFailed
+from p2pdist.node import Node, open_node
 from p2pdist.preheat import PreheatRequest, run_preheat
+from p2pdist.preheater import Preheater
+from scheduler import PreheatOrder, PreheatReport
 from scheduler.service import serve_scheduler
 from tests.faultproxy import FaultProxy
-from tests.helpers import requires_registry
+from tests.helpers import NO_DOCKER_CONFIG, PushedImage, requires_registry
 from tests.test_swarm import registry_bytes
 
 MiB = 1 << 20
@@ -192,6 +197,55 @@ def test_a_chosen_node_that_leaves_fails_the_preheat_there(
         assert job["state"] == "failed"
         for d in c.daemons[:2]:
             assert all(holds(d, image).values())
+
+
+# -- the daemon's side, in this event loop ----------------------------------------------------
+
+
+async def _run_order(tmp_path: Path, order: PreheatOrder) -> tuple[Node, PreheatReport]:
+    config = NodeConfig(data_dir=tmp_path / "data", docker_config=NO_DOCKER_CONFIG)
+    async with open_node(config) as node:
+        preheater = Preheater(node)
+        preheater.apply((order,))
+        with trio.fail_after(60):
+            await preheater.wait_changed()
+        [rep] = preheater.reports()
+        preheater.apply(())  # the scheduler saw the last report: the run is forgotten
+        assert preheater.reports() == ()
+        return node, rep
+
+
+@requires_registry
+async def test_a_daemon_warms_every_blob_of_the_image(
+    pushed_image: PushedImage, tmp_path: Path
+) -> None:
+    image = pushed_image.image
+    order = PreheatOrder("ph-0123456789abcdef", pushed_image.reference)
+    node, rep = await _run_order(tmp_path, order)
+    assert rep.state == "done", rep
+    assert rep.manifest == image.manifest_digest
+    assert rep.blobs_done == rep.blobs_total == len(image.blobs())
+    assert rep.bytes_done == rep.bytes_total == image.blobs_size
+    for digest, data in image.blobs().items():
+        path = node.store.blob_path(Digest.parse(digest))
+        assert path is not None and path.read_bytes() == data
+
+
+@requires_registry
+async def test_a_daemon_reports_what_went_wrong_with_its_exit_code(
+    pushed_image: PushedImage, tmp_path: Path
+) -> None:
+    missing = PreheatOrder("ph-0000000000000001", f"{pushed_image.host}/test/app:no-such-tag")
+    _, rep = await _run_order(tmp_path / "a", missing)
+    assert rep.state == "failed" and rep.exit_code == 3, rep
+    assert "not found" in rep.error.lower() or "unknown" in rep.error.lower(), rep
+    # Pinned to a digest the registry does not have: not the tag's image, not done.
+    pinned = PreheatOrder(
+        "ph-0000000000000002", pushed_image.reference, manifest="sha256:" + "0" * 64
+    )
+    node, rep = await _run_order(tmp_path / "b", pinned)
+    assert rep.state == "failed" and rep.exit_code == 3, rep
+    assert node.store.list_blobs() == []
 
 
 # -- bad input: the scheduler's API -----------------------------------------------------------
