@@ -201,10 +201,16 @@ class _Daemon:
     def _open_piece(self, digest: Digest, index: int, piece_size: int) -> tuple[int, PieceLocation]:
         """An open fd on the file holding a verified piece.  A partial task's data file is
         renamed into place when the task completes: then the piece is in the blob file."""
-        for _ in range(3):
-            loc = self.node.piece_location(digest, index, piece_size)
+        # A task being committed: its data file is renamed to the blob's path a moment
+        # before the task is closed, so after a miss look in the blob alone.  (A 404
+        # tells the asker we never had the piece; the scheduler then drops every claim
+        # of ours on the blob.)
+        for blob_only in (False, True, True):
+            loc = self.node.piece_location(digest, index, piece_size, blob_only=blob_only)
             if loc is None:
-                break
+                if blob_only:
+                    break
+                continue
             try:
                 return os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC), loc
             except FileNotFoundError:
@@ -286,6 +292,7 @@ class _Daemon:
                     "seconds": round(s.seconds, 3),
                     "bad_pieces": s.bad_pieces,
                     "fallback": s.fallback,
+                    "stragglers": s.stragglers,
                 }
             )
         if request.method not in ("GET", "HEAD"):

@@ -184,9 +184,13 @@ class Node:
 
     # -- what the peer server serves -------------------------------------------------------
 
-    def piece_location(self, digest: Digest, index: int, piece_size: int) -> PieceLocation | None:
-        """Where verified piece ``index`` (cut at ``piece_size``) is, or None."""
-        task = self._tasks.get(digest)
+    def piece_location(
+        self, digest: Digest, index: int, piece_size: int, *, blob_only: bool = False
+    ) -> PieceLocation | None:
+        """Where verified piece ``index`` (cut at ``piece_size``) is, or None.
+        ``blob_only``: look only in the complete blob (the task's data file was just
+        renamed into place and the task is not closed yet)."""
+        task = None if blob_only else self._tasks.get(digest)
         if task is not None and not task.closed:
             if task.plan.piece_size != piece_size:
                 return None

@@ -33,8 +33,19 @@ __all__ = [
     "Unknown",
 ]
 
-FailureReason = Literal["bad_hash", "error", "slow", "refused"]
+FailureReason = Literal["bad_hash", "error", "slow", "refused", "missing", "straggler"]
+"""Why a piece did not come from its parent (the rules are in ``_core``):
+
+- ``bad_hash``: the bytes did not match the piece-hash list;
+- ``error``: no usable answer (unreachable, hung up, malformed, timed out mid-body);
+- ``slow``: the piece did not arrive within the host's piece timeout: it gave up;
+- ``refused``: the parent was full (503);
+- ``missing``: the parent does not have the piece it was named for (404, 409);
+- ``straggler``: the piece is taking far longer than the host's other pieces; the
+  fetch goes on, but the host wants the piece from another parent too (endgame).
+"""
 PreheatState = Literal["pending", "running", "done", "failed"]
+"""A node's part in a preheat job (``_preheat``)."""
 
 
 # --- events --------------------------------------------------------------------------
@@ -137,7 +148,8 @@ class ReportPieces:
 @dataclass(frozen=True, slots=True)
 class ReportPieceFailure:
     """Fetching ``piece`` from ``parent_id`` failed (``parent_id=None``: from the registry;
-    this releases the source lease)."""
+    this releases the source lease), or, for ``reason="straggler"``, is going on too
+    slowly and the host asks for the piece from another parent as well."""
 
     host_id: str
     digest: str
@@ -157,8 +169,9 @@ class CompleteTask:
 
 @dataclass(frozen=True, slots=True)
 class BlobMismatch:
-    """The whole-blob digest check failed although every piece matched the hash list:
-    the list is poisoned.  ``epoch`` (from the assignments) makes repeats harmless."""
+    """The whole-blob digest check failed although every piece matched the hash list,
+    or passed with registry pieces the list rejected: the list is poisoned.  ``epoch``
+    (from the assignments) makes repeats harmless."""
 
     host_id: str
     digest: str

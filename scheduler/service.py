@@ -90,6 +90,7 @@ class SchedulerService:
         if request.path in ("/healthz", "/readyz"):
             return Response.json({"status": "ok"})
         if request.path == "/api/v1/stats":
+            now = self.now()
             return Response.json(
                 {
                     "hosts": len(self.scheduler.hosts),
@@ -97,6 +98,10 @@ class SchedulerService:
                     "events": self.events,
                     "preheat_jobs": len(self.scheduler.preheats),
                     "uptime_seconds": round(time.monotonic() - self.started, 1),
+                    # Parents not offered now after failures (ids, sorted; at most 100).
+                    "penalised": sorted(
+                        h.host_id for h in self.scheduler.hosts.values() if h.penalised_until > now
+                    )[:100],
                 }
             )
         raise HTTPError(404, "not found")
