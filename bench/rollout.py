@@ -39,8 +39,10 @@ layers of F/L write ≈ F·(L+1)/2 bytes), much dearer than overlay2 on a real n
 every node's load lands at the same moment on the same 2 cores.  Verification asks each
 node's dockerd for ``REPO:TAG``: image id = the config digest, RootFS layers = its diff
 ids.  Every dockerd is stopped, and its directory removed, when the mode ends (also on
-failure and Ctrl-C; its log is kept as ``logs/MODE/nI-dockerd.log``).  Eight vfs
-dockerds are heavy for a 2-core machine: keep ``get`` for the protocol's figures.
+failure and Ctrl-C; its log is kept as ``logs/MODE/nI-dockerd.log``).  For the stall
+detector below, a pending node's dockerd using CPU (loading: no bytes on the wire) is
+progress too.  Eight vfs dockerds are heavy for a 2-core machine: keep ``get`` for the
+protocol's figures.
 
 The lower bound, with F the image's blob bytes (config + layers; the manifest is a few
 hundred bytes) and rates in bytes/s::
@@ -953,6 +955,7 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
         pending = list(nodes)
         last_report = last_sample = last_moved = t0
         moved = -STALL_BYTES
+        loading = 0.0  # --client pull: CPU seconds of the pending nodes' dockerds
         stalled = False
         while pending and time.monotonic() < deadline:
             for n in list(pending):
@@ -966,8 +969,16 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
                 # heartbeats is not progress).
                 last_sample = now
                 total = sum(n.host.counters()["rx_bytes"] for n in pending)
-                if total >= moved + STALL_BYTES or total < moved:
-                    moved, last_moved = total, now
+                # --client pull: a dockerd loading the image (no bytes on the wire) is
+                # progress too
+                busy = _dockerd_cpu_seconds(pending) if s.client == "pull" else 0.0
+                if (
+                    total >= moved + STALL_BYTES
+                    or total < moved
+                    or busy >= loading + 0.5
+                    or busy < loading
+                ):
+                    moved, last_moved, loading = total, now, busy
                 elif now - last_moved > s.stall_s:
                     stalled = True
                     break
