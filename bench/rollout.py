@@ -702,9 +702,8 @@ def _start_dockerds(nodes: Sequence[_Node], log_dir: Path) -> None:
         except DockerdError as exc:
             log = log_dir / f"n{n.index}-dockerd.log"
             log.write_text(str(exc) + "\n")
-            raise RuntimeError(
-                f"dockerd n{n.index} did not start: {str(exc).splitlines()[0]} (log: {log})"
-            ) from None
+            first = str(exc).splitlines()[0].removesuffix(" its log:").rstrip(";")
+            raise RuntimeError(f"dockerd n{n.index} did not start: {first} ({log})") from None
 
 
 def _stop_dockerds(nodes: Sequence[_Node], log_dir: Path, say: Callable[[str], None]) -> None:
