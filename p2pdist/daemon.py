@@ -12,7 +12,8 @@ It runs, in one trio nursery:
   ``GET /api/v1/blobs/<digest>/stats`` tells where its bytes came from;
 * the **registry proxy** (``--proxy-listen``, loopback by default) that dockerd and
   containerd pull through (:mod:`p2pdist.proxy`);
-* the link to the scheduler: registration, heartbeats, announcements.
+* the link to the scheduler: registration, heartbeats, announcements, and the preheat
+  jobs the scheduler orders in its answers to heartbeats (:mod:`p2pdist.preheater`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from .httpserver import (
 from .node import BlobOrigin, Node, open_node
 from .peer import CompressionCache, PieceLocation, parse_piece_path
 from .pieces import piece_size_for
+from .preheater import Preheater
 from .proxy import RegistryProxy, job_size, stream_job, with_upstream_registry
 from .reference import is_valid_registry_host, is_valid_repository
 from .schedclient import SchedulerClient
@@ -489,7 +491,9 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
                     )
                     info.proxy_url = served.url
             if link is not None:
-                nursery.start_soon(link.heartbeat_forever, daemon.load)
+                # Preheat jobs arrive in the answers to heartbeats (p2pdist.preheater).
+                preheater = Preheater(node)
+                nursery.start_soon(partial(link.heartbeat_forever, daemon.load, preheat=preheater))
             log.info(
                 "daemon %s: peers at %s, local API at %s, registry proxy at %s",
                 host_id,

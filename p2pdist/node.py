@@ -91,6 +91,15 @@ class Job:
             return 0
         return _prefix(task, plan)
 
+    def generation(self) -> tuple[int, int] | None:
+        """Changes whenever bytes this attempt had verified may no longer be its bytes: the
+        task was replaced (a restart under another piece plan) or pieces were un-verified
+        (found bad on disk).  None once the blob is complete (or between tasks)."""
+        task = self.task
+        if self.path is not None or task is None or task.closed:
+            return None
+        return id(task), task.drops
+
     def open_verified(self, beyond: int = 0) -> tuple[int, int] | None:
         """``(fd, n)``: an open file whose first ``n`` bytes (``n > beyond``) are verified
         bytes of this attempt (the complete blob, or the task's data file, duplicated under

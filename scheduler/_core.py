@@ -91,6 +91,12 @@ Endgame (``straggler``)
     the second assignment is an ordinary one, and with no other holder the host simply
     waits for the first copy (or, once the parent is benched, is leased the piece).
 
+Preheat
+    ``start_preheat`` (the service's ``POST /api/v1/preheat``) picks hosts for a preheat
+    job; each chosen host finds its orders in the ``Ack`` to its heartbeats and reports
+    progress in them; a removed host fails its unfinished jobs.  The rules are in
+    ``_preheat``'s docstring.
+
 Whole-blob mismatch (``BlobMismatch``)
     Every piece matched the list but the blob does not match its digest - or the blob
     matched its digest with pieces from the registry that the list rejected: the list is
@@ -133,6 +139,7 @@ from ._events import (
     StartTask,
     Unknown,
 )
+from ._preheat import Candidate, PreheatJob, Preheats, Selection
 from ._state import Host, PeerTask, Task
 
 __all__ = ["Scheduler"]
@@ -164,6 +171,9 @@ class Scheduler:
         self._timers: list[_Timer] = []
         self._seq = 0
         self._now = float("-inf")
+        self.preheats = Preheats()
+        """Preheat jobs (``_preheat``): created by :meth:`start_preheat`, delivered and
+        reported through heartbeats."""
 
     # --- read-only views (for the service layer, metrics and tests) -------------------
 
@@ -232,7 +242,9 @@ class Scheduler:
         self._touch(host, now)
         if isinstance(event, Heartbeat):
             host.load = event.load
-            return Ack()
+            if event.preheat:
+                self.preheats.report(host.host_id, event.preheat, now)
+            return Ack(preheat=self.preheats.orders_for(host.host_id))
         if isinstance(event, StartTask | Announce):
             return self._start(host, event, now)
         task = self._tasks.get(event.digest)
@@ -303,6 +315,7 @@ class Scheduler:
         self._seen.pop(hid, None)
         if host is None:
             return
+        self.preheats.host_gone(hid, self._now)
         for digest in list(host.tasks):
             task = self._tasks.get(digest)
             if task is not None:
@@ -314,6 +327,34 @@ class Scheduler:
             if task is not None and pt is not None:
                 self._release_inflight(task, pt, piece)
         host.serving.clear()
+
+    # --- preheat -------------------------------------------------------------------
+
+    def start_preheat(
+        self, job_id: str, image: str, platform: str, selection: Selection, now: float
+    ) -> PreheatJob:
+        """Create preheat job ``job_id`` for ``image`` on the hosts ``selection`` picks
+        among those registered (rules in ``_preheat``).  Raises
+        :class:`~scheduler._preheat.PreheatError` for a selection it cannot serve."""
+        self.tick(now)
+        now = max(now, self._now)
+        candidates = []
+        for host in self._hosts.values():
+            downloading = 0
+            for digest in host.tasks:
+                task = self._tasks.get(digest)
+                pt = task.peers.get(host.host_id) if task is not None else None
+                downloading += pt is not None and not pt.complete
+            candidates.append(
+                Candidate(
+                    host.host_id,
+                    host.zone,
+                    downloading + self.preheats.active_count(host.host_id),
+                    host.busy() / max(1, host.upload_slots),
+                    host.load.cpu,
+                )
+            )
+        return self.preheats.create(job_id, image, platform, selection, candidates, now)
 
     # --- tasks ---------------------------------------------------------------------
 
@@ -532,7 +573,11 @@ class Scheduler:
             pass
         elif ev.reason == "error":
             self._penalise(parent, now, cfg.error_penalty, counted=matched)
-            if matched and len(parent.failures) >= cfg.avoid_after_failures:
+            if matched:
+                parent.errors.append(now)
+                while parent.errors and parent.errors[0] <= now - cfg.failure_window:
+                    parent.errors.popleft()
+            if matched and len(parent.errors) >= cfg.avoid_after_failures:
                 # Peers cannot reach it: it may be dead, and a dead host's source leases
                 # would hold its ranges back until it expires.  Re-lease them now (if it
                 # is alive after all, those ranges leave the registry twice).

@@ -80,6 +80,8 @@ class Host:
     serving: set[tuple[str, str, int]] = field(default_factory=set)
     #: Times of recent counted failures as a parent (for the doubling penalty).
     failures: deque[float] = field(default_factory=deque)
+    #: Times of recent counted ``error``s among them (peers could not reach it).
+    errors: deque[float] = field(default_factory=deque)
     penalised_until: float = float("-inf")
     #: End of the penalty for its last counted failure (``error``, ``slow``, ...): until
     #: then it has recently failed to serve, not merely been full.

@@ -212,3 +212,41 @@ async def test_disk_full_fails_that_blob_and_other_downloads_go_on(
             assert again.status_code == 507
             r = await client.get(f"{info.api_url}/api/v1/blobs/{digests['small']}", params=params)
             assert r.status_code == 200 and r.content == small
+
+
+async def test_stream_is_cut_when_a_piece_it_sent_is_unverified(
+    registry: LocalRegistry, tmp_path: Path
+) -> None:
+    """A piece already streamed to a client is then found bad on disk and un-verified
+    (``drop_pieces``, as after a child's bad-piece report): the refetched blob will pass its
+    digest, but the client got the old bytes, so its stream must end short, never whole."""
+    data = os.urandom(48 * PIECE)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    push_blob(registry.url, "daemon/drop", data, digest=digest)
+    config = NodeConfig(
+        data_dir=tmp_path / "data",
+        peer_listen="127.0.0.1:0",
+        api_listen="127.0.0.1:0",
+        piece_size=PIECE,
+        host_id="drop-node",
+        download_rate=1_000_000,  # about 3 s for the blob: time to drop a piece mid-way
+    )
+    async with open_daemon(config) as info, httpx.AsyncClient(timeout=60) as client:
+        params = {"registry": registry.host, "repository": "daemon/drop"}
+        url = f"{info.api_url}/api/v1/blobs/{digest}"
+        got = bytearray()
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with client.stream("GET", url, params=params) as r:
+                assert r.status_code == 200
+                dropped = False
+                async for chunk in r.aiter_raw():
+                    got += chunk
+                    if not dropped and len(got) >= 2 * PIECE:
+                        job = info.node.job(Digest.parse(digest))
+                        assert job is not None and job.task is not None
+                        assert job.task.drop_pieces([0]) == [0]
+                        dropped = True
+        assert 2 * PIECE <= len(got) < len(data)
+        # The node itself refetches the piece and completes the blob intact.
+        path = await blob_stored(info.node, Digest.parse(digest))
+        assert path is not None and path.read_bytes() == data

@@ -34,6 +34,7 @@ from bench.rollout import (
     t_min,
     verify_layout,
 )
+from tests.helpers import REGISTRY_MISSING_REASON, registry_installed
 
 MIB = 1 << 20
 MBIT = 1e6 / 8  # bytes/s per Mbit/s
@@ -266,6 +267,27 @@ def test_client_pull_is_refused_clearly_without_dockerd(
     assert "needs root" in (client_refusal("pull") or "")
     assert client_refusal("get") is None
     assert "not one of get, pull" in (client_refusal("ctr") or "")
+    # with root and dockerd, but on loopback: no namespace to run a dockerd in
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: "/x")
+    rc = rollout_cli(
+        nodes=2,
+        node_mbit=100,
+        origin_mbit=100,
+        image_size="1MiB",
+        layers=1,
+        layer_format="gzip",
+        piece_size=None,
+        mode="p2p",
+        client="pull",
+        network="loopback",
+        out=str(tmp_path / "out"),
+        seed=1,
+    )
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not with --network loopback" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_docker_image_problem_checks_id_tag_and_layers() -> None:
@@ -559,6 +581,38 @@ def test_interrupted_client_pull_rollout_stops_every_dockerd(tmp_path: Path) -> 
     assert _processes_naming(roots) == []
     assert not any(Path(r).exists() for r in roots)
     assert _leftovers(proc.pid) == ([], [], [])
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not registry_installed(), reason=REGISTRY_MISSING_REASON)
+def test_small_p2p_rollout_on_loopback_without_namespaces(tmp_path: Path) -> None:
+    """The mode that needs no root: nodes on 127.77.1.x limited by their daemons' own
+    rates, the registry behind a counting relay at the origin rate."""
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "-m", "bench", "rollout", "--network", "loopback", "--mode", "p2p",
+        "--nodes", "3", "--node-mbit", "200", "--origin-mbit", "200", "--image-size", "16MiB",
+        "--layers", "4", "--piece-size", "1MiB", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout
+    result = json.loads((out / "result.json").read_text())
+    F = result["image"]["bytes"]
+    assert result["ok"] is True and result["params"]["network"] == "loopback"
+    p2p = result["modes"]["p2p"]
+    assert [n["verified"] for n in p2p["per_node"]] == [True] * 3, p2p["problems"]
+    for n in p2p["per_node"]:
+        assert n["from_registry"] + n["from_peers"] >= F
+        assert n["rx_bytes"] is None  # no interface of its own to count on
+    # The relay counted one copy (and a little HTTP), not three; the limits paced the
+    # transfer (a node cannot take F in faster than its download rate allows).
+    assert F <= p2p["registry_egress_bytes"] <= 1.3 * F
+    assert p2p["from_peers_total"] > 0
+    assert p2p["times"]["ratio_to_t_min"]["max"] >= 0.9
+    assert (out / "report.md").is_file()
 
 
 @pytest.mark.integration

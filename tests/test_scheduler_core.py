@@ -285,6 +285,35 @@ def test_unreachable_parent_loses_its_source_leases_before_it_expires() -> None:
     assert leased <= set(assign(s, "me", t + 1.0).from_source)
 
 
+def test_a_slow_parent_keeps_its_source_leases() -> None:
+    # Slow pieces bench a parent (it is serving, slowly) but do not mean it is dead: its
+    # source leases stay, or their ranges would leave the registry twice.  Only errors
+    # (peers cannot reach it) count towards losing them.
+    cfg = SchedulerConfig(
+        error_penalty=1.0,
+        slow_penalty=1.0,
+        avoid_after_failures=3,
+        avoid_duration=5.0,
+        heartbeat_timeout=1e9,
+        lease_timeout=1e9,
+    )
+    s = Scheduler(cfg)
+    for h in ("slow", "me"):
+        join(s, h)
+    run = assign(s, "slow").from_source
+    report_source(s, "slow", run[:3])
+    leased = set(run[3:])
+    t = 0.0
+    for reason in ("slow", "slow", "error"):
+        t += 10.0
+        a = assign(s, "me", t, n=1)
+        assert a.from_peers and a.from_peers[0].parent_id == "slow", a
+        s.handle(ReportPieceFailure("me", D, "slow", a.from_peers[0].piece, reason), t)
+    assert len(s.hosts["slow"].failures) == 3  # benched ...
+    assert s.tasks[D].peers["slow"].leases.keys() >= leased  # ... but keeps its leases
+    assert not leased & set(assign(s, "me", t + 1.0).from_source)
+
+
 def test_parent_dying_releases_leases_and_stops_offering_pieces() -> None:
     s = Scheduler(SchedulerConfig(heartbeat_timeout=10.0))
     for h in ("dies", "b", "c"):
