@@ -25,7 +25,7 @@ One run:
    SVG step charts of nodes complete over time, with T_min marked).
 
 Without root (or with ``--network loopback``) only ``--mode p2p`` runs, on loopback:
-every node on its own 127.77.1.x address, its link paced by its daemon's own
+every node on its own 127.B.1.x address, its link paced by its daemon's own
 ``--download-rate``/``--upload-rate``, the registry behind a counting relay at the origin
 rate (:mod:`bench.loopback`).
 

@@ -586,7 +586,7 @@ def test_interrupted_client_pull_rollout_stops_every_dockerd(tmp_path: Path) -> 
 @pytest.mark.integration
 @pytest.mark.skipif(not registry_installed(), reason=REGISTRY_MISSING_REASON)
 def test_small_p2p_rollout_on_loopback_without_namespaces(tmp_path: Path) -> None:
-    """The mode that needs no root: nodes on 127.77.1.x limited by their daemons' own
+    """The mode that needs no root: nodes on 127.B.1.x limited by their daemons' own
     rates, the registry behind a counting relay at the origin rate."""
     out = tmp_path / "out"
     argv = [
