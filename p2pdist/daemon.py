@@ -57,6 +57,7 @@ from .httpserver import (
 )
 from .node import BlobOrigin, Node, open_node
 from .peer import CompressionCache, PieceLocation, parse_piece_path
+from .peerclient import PeerConnections
 from .pieces import piece_size_for
 from .preheater import Preheater
 from .proxy import RegistryProxy, job_size, stream_job, with_upstream_registry
@@ -454,6 +455,8 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
             trust_env=False, timeout=10.0, headers=token_headers(config.cluster_token)
         )
         await nursery.start(_close_on_cancel, sched_http)
+        sched_conns = PeerConnections(token_headers(config.cluster_token), max_idle=4)
+        await nursery.start(_close_on_cancel, sched_conns)
         link = None
         if config.schedulers:
             daemon_ref: list[_Daemon] = []
@@ -466,6 +469,7 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
                 RegisterHost(host_id, advertise, config.zone, __version__, config.upload_slots),
                 http=sched_http,
                 announcements=announcements,
+                lean=sched_conns,
             )
         async with open_node(config, link=link) as node:
             info = DaemonInfo(host_id, f"http://{advertise}", "", node)
@@ -536,7 +540,8 @@ async def _close_listeners_on_exit(listeners: list[trio.SocketListener]) -> None
 
 
 async def _close_on_cancel(
-    client: httpx.AsyncClient, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    client: httpx.AsyncClient | PeerConnections,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     task_status.started()
     try:

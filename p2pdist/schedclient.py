@@ -9,6 +9,7 @@ then registers the host again, re-announces every blob and partial task the node
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, Protocol
@@ -41,6 +42,7 @@ from scheduler._codec import decode_answer, encode
 
 from .digest import Digest
 from .errors import NetworkError, P2PDistError, PlanConflict
+from .peerclient import PeerConnections
 from .swarm import FailureReason
 
 __all__ = ["PreheatLink", "SchedulerClient"]
@@ -75,12 +77,16 @@ class SchedulerClient:
         http: httpx.AsyncClient,
         announcements: AnnounceFn,
         timeout: float = 5.0,
+        lean: PeerConnections | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one scheduler URL is needed")
         self.urls = list(urls)
         self.host = host
         self.http = http
+        self.lean = lean
+        """Plain-HTTP schedulers are asked through this (pooled sockets, no HTTP library
+        layers: each piece costs one or more round trips); https ones through ``http``."""
         self.announcements = announcements
         self.timeout = timeout
         self._current = 0
@@ -103,26 +109,33 @@ class SchedulerClient:
             url = self.urls[(self._current + attempt) % len(self.urls)]
             try:
                 with trio.fail_after(self.timeout):
-                    resp = await self.http.post(f"{url}/api/v1/events", json=body)
-            except (httpx.HTTPError, trio.TooSlowError) as exc:
+                    status, data = await self._send(url, body)
+            except (httpx.HTTPError, NetworkError, trio.TooSlowError) as exc:
                 last = exc
                 continue
-            if resp.status_code >= 500:
-                last = NetworkError(f"scheduler {url} answered {resp.status_code}")
+            if status >= 500:
+                last = NetworkError(f"scheduler {url} answered {status}")
                 continue
-            if resp.status_code != 200:
+            if status != 200:
+                text = data[:200].decode("utf-8", "replace")
                 raise NetworkError(
-                    f"scheduler {url} refused {type(event).__name__}: "
-                    f"{resp.status_code} {resp.text[:200]}"
+                    f"scheduler {url} refused {type(event).__name__}: {status} {text}"
                 )
             self._current = (self._current + attempt) % len(self.urls)
             try:
-                return decode_answer(resp.json())
-            except ValueError as exc:
+                return decode_answer(json.loads(data))
+            except (ValueError, RecursionError) as exc:
                 raise NetworkError(f"scheduler {url}: malformed answer: {exc}") from None
         raise SchedulerUnavailable(
             f"no scheduler reachable ({', '.join(self.urls)}): {type(last).__name__}"
         )
+
+    async def _send(self, url: str, body: Any) -> tuple[int, bytes]:
+        if self.lean is not None and url.startswith("http://"):
+            data = json.dumps(body, separators=(",", ":")).encode()
+            return await self.lean.post(url.removeprefix("http://"), "/api/v1/events", data)
+        resp = await self.http.post(f"{url}/api/v1/events", json=body)
+        return resp.status_code, resp.content
 
     async def call(self, event: Any) -> Answer:
         """Send ``event``; on ``Unknown`` re-register/re-announce and send it again."""
