@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import httpx
@@ -173,6 +174,14 @@ class SchedulerClient:
                 log.warning("heartbeat: %s", exc)
             await trio.sleep(interval)
 
+    async def update_host(self, upload_slots: int) -> None:
+        """Tell the scheduler this host's new upload slots (a config reload)."""
+        self.host = replace(self.host, upload_slots=upload_slots)
+        try:
+            await self._post(self.host)
+        except P2PDistError as exc:
+            log.info("scheduler: %s", exc)
+
     async def leave(self) -> None:
         with contextlib.suppress(NetworkError):
             await self._post(LeaveHost(self.host_id))
@@ -216,6 +225,8 @@ class SchedulerClient:
         self._complete.add(str(digest))
 
     async def leave_task(self, digest: Digest) -> None:
+        """The blob is gone from this node (evicted, found corrupt): stop offering it."""
+        self._complete.discard(str(digest))
         await self.call(LeaveTask(self.host_id, str(digest)))
 
     async def mismatch(self, digest: Digest, epoch: int | None) -> None:
