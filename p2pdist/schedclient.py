@@ -78,6 +78,10 @@ class SchedulerClient:
         self._plans: dict[str, tuple[int, int]] = {}
         self._complete: set[str] = set()
         """Complete blobs the scheduler has been told of (announced or completed)."""
+        self._leaves = 0
+        self._left: dict[str, int] = {}
+        """Blobs this host left (evicted) -> the count of leaves when it did: a listing of
+        the store taken before that is stale for them."""
 
     @property
     def host_id(self) -> str:
@@ -146,11 +150,15 @@ class SchedulerClient:
         if not self._registered:
             return 0
         new = 0
+        leaves = self._leaves
         for ann in await self.announcements():
             if ann.complete and ann.digest not in self._complete:
+                if self._left.get(ann.digest, 0) > leaves:
+                    continue  # evicted since the store was listed: not ours to offer
                 await self.call(ann)
                 self._complete.add(ann.digest)
                 new += 1
+        self._left = {d: n for d, n in self._left.items() if n > leaves}
         return new
 
     async def _reannounce_task(self, digest: str) -> None:
@@ -227,6 +235,8 @@ class SchedulerClient:
     async def leave_task(self, digest: Digest) -> None:
         """The blob is gone from this node (evicted, found corrupt): stop offering it."""
         self._complete.discard(str(digest))
+        self._leaves += 1
+        self._left[str(digest)] = self._leaves
         await self.call(LeaveTask(self.host_id, str(digest)))
 
     async def mismatch(self, digest: Digest, epoch: int | None) -> None:
