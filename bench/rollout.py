@@ -24,6 +24,11 @@ One run:
 5. writes ``result.json`` and ``report.md`` (a summary table per mode, per-node tables, and
    SVG step charts of nodes complete over time, with T_min marked).
 
+Without root (or with ``--network loopback``) only ``--mode p2p`` runs, on loopback:
+every node on its own 127.77.1.x address, its link paced by its daemon's own
+``--download-rate``/``--upload-rate``, the registry behind a counting relay at the origin
+rate (:mod:`bench.loopback`).
+
 The lower bound, with F the image's blob bytes (config + layers; the manifest is a few
 hundred bytes) and rates in bytes/s::
 
@@ -71,6 +76,7 @@ from typing import IO, Any, Literal
 
 from .image import Image, make_image, push_image
 from .localregistry import LocalRegistry
+from .loopback import LoopbackHost, LoopbackNetwork
 from .netns import (
     EmulatedNetwork,
     Host,
@@ -103,6 +109,8 @@ MODES = ("registry", "p2p")
 FRAME_HEAD = 14 + 20 + 32  # Ethernet, IPv4, TCP with timestamps
 STALL_BYTES = 1 << 20  # less than this into the pulling nodes in stall_seconds: stalled
 Mode = Literal["registry", "p2p"]
+Network = EmulatedNetwork | LoopbackNetwork
+AnyHost = Host | LoopbackHost
 
 
 class Refused(RuntimeError):
@@ -405,19 +413,29 @@ def render_report(result: Mapping[str, Any]) -> str:
             lines += ["", "Problems:", ""] + [f"- {x}" for x in mr["problems"]]
     if "completion.svg" in charts:
         lines += ["", "## every mode", "", "![nodes complete over time](completion.svg)"]
+    if result.get("params", {}).get("network") == "loopback":
+        measured = (
+            "The nodes ran on loopback, each link paced by its daemon's own "
+            "--download-rate/--upload-rate and the origin by a relay in front of the "
+            "registry (a token bucket at the origin rate); registry egress is what that "
+            "relay sent (TCP payload: no frame heads, so T_min itself is the floor); both "
+            "byte columns are the daemon's own account (the nodes have no interfaces)."
+        )
+    else:
+        measured = (
+            "Registry egress is the origin interface's tx_bytes over the same interval "
+            "(frames: TCP/IP/Ethernet heads and retransmissions included); TCP payload is "
+            "that less 66 bytes a frame. In registry mode 'from registry' is the node "
+            "interface's rx bytes; in p2p mode both columns are the daemon's own account. "
+            "tbf shapes whole frames, so ≈ 1.05 × T_min is the practical floor at MTU 1500."
+        )
     lines += [
         "",
         "## how",
         "",
         f"`{result['command']}` — {result['wall_seconds']:.0f} s in all. Times run from the "
         "moment every client was released (after Python start-up) to each client's exit "
-        "after it verified every digest and wrote its OCI layout. Registry egress is the "
-        "origin interface's tx_bytes over the same interval (frames: TCP/IP/Ethernet heads "
-        "and retransmissions included); TCP payload is that less 66 bytes a frame. In "
-        "registry mode "
-        "'from registry' is the node interface's rx bytes; in p2p mode both columns are the "
-        "daemon's own account. tbf shapes whole frames, so ≈ 1.05 × T_min is the practical "
-        "floor at MTU 1500.",
+        "after it verified every digest and wrote its OCI layout. " + measured,
         "",
     ]
     return "\n".join(lines)
@@ -489,7 +507,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _json_in(host: Host, url: str) -> Any:
+def _json_in(host: AnyHost, url: str) -> Any:
     status, body = host.call(_http_get, url, 5.0)
     if status != 200:
         raise RuntimeError(f"GET {url}: HTTP {status}")
@@ -526,9 +544,33 @@ def _proc_cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _net_snapshot(net: EmulatedNetwork) -> dict[str, int]:
+def _origin_counters(net: Network) -> dict[str, int]:
+    counters = net.origin.counters()
+    if counters is None:
+        raise RuntimeError("the origin has no byte counters")
+    return counters
+
+
+def _rx_bytes(host: AnyHost) -> int:
+    """Bytes the host received so far, or -1 where it has no counters of its own."""
+    counters = host.counters()
+    return -1 if counters is None else counters["rx_bytes"]
+
+
+def _popen(net: Network, host: AnyHost, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
+    """``net.popen`` for either kind of network."""
+    if isinstance(net, EmulatedNetwork):
+        assert isinstance(host, Host)
+        return net.popen(host, argv, **kw)
+    return net.popen(host, argv, **kw)
+
+
+def _net_snapshot(net: Network) -> dict[str, int]:
     """Counters that explain the bytes: the origin's TCP segments and retransmissions,
-    and the drops of every tbf (a full queue drops; TCP then sends the bytes again)."""
+    and the drops of every tbf (a full queue drops; TCP then sends the bytes again).
+    None on loopback (no queues)."""
+    if isinstance(net, LoopbackNetwork):
+        return {}
     tcp = net.origin.ns.tcp_stats()
     snap = {
         "origin_tcp_out_segs": tcp.get("OutSegs", 0),
@@ -588,7 +630,7 @@ def verify_layout(root: Path, image: Image) -> str | None:
 @dataclass
 class _Node:
     index: int
-    host: Host
+    host: AnyHost
     root: Path
     log_dir: Path
     proc: subprocess.Popen[bytes] | None = None
@@ -627,7 +669,7 @@ class _Node:
 
 @dataclass
 class _Setup:
-    net: EmulatedNetwork
+    net: Network
     image: Image
     registry: LocalRegistry
     nodes: int
@@ -653,7 +695,8 @@ def _start_swarm(s: _Setup, nodes: list[_Node], log_dir: Path) -> subprocess.Pop
     net = s.net
     sched_url = f"http://{net.scheduler.address}:{SCHEDULER_PORT}"
     with open(log_dir / "scheduler.log", "ab") as log:
-        scheduler = net.popen(
+        scheduler = _popen(
+            net,
             net.scheduler,
             [PYTHON, "-m", "p2pdist", "scheduler", "--listen",
              f"{net.scheduler.address}:{SCHEDULER_PORT}", "--log-level", "info"],
@@ -671,17 +714,18 @@ def _start_swarm(s: _Setup, nodes: list[_Node], log_dir: Path) -> subprocess.Pop
             PYTHON, "-m", "p2pdist", "daemon", "--config", str(n.config),
             "--data-dir", str(n.root / "store"), "--scheduler", sched_url,
             "--peer-listen", addr, "--advertise", addr,
-            "--api-listen", f"127.0.0.1:{API_PORT}", "--proxy-listen", "off",
+            "--api-listen", f"{n.host.local_address}:{API_PORT}", "--proxy-listen", "off",
             "--host-id", f"n{n.index}", "--log-level", "info",
             *(["--piece-size", s.piece_size] if s.piece_size else []),
+            *net.daemon_args(),
         ]  # fmt: skip
-        n.daemon = net.popen(n.host, argv, log=n.log("daemon"), env=_clean_env(n.root / "home"))
+        n.daemon = _popen(net, n.host, argv, log=n.log("daemon"), env=_clean_env(n.root / "home"))
 
     def ready(n: _Node) -> bool:
         assert n.daemon is not None
         if n.daemon.poll() is not None:
             raise RuntimeError(f"daemon n{n.index} exited early: {n.log_tail('daemon')}")
-        return n.host.call(_healthy, f"http://127.0.0.1:{API_PORT}") and n.host.call(
+        return n.host.call(_healthy, f"http://{n.host.local_address}:{API_PORT}") and n.host.call(
             _healthy, f"http://{n.host.address}:{PEER_PORT}"
         )
 
@@ -735,14 +779,15 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
             pull = ["pull", ref, "--output", str(n.layout), "--config", str(n.config),
                     "--no-progress"]  # fmt: skip
             if mode == "p2p":
-                pull += ["--daemon", f"http://127.0.0.1:{API_PORT}"]
+                pull += ["--daemon", f"http://{n.host.local_address}:{API_PORT}"]
             else:
                 pull += ["--data-dir", str(n.root / "store")]
                 pull += ["--concurrency", str(s.registry_concurrency)]
                 if s.piece_size:
                     pull += ["--piece-size", s.piece_size]
             argv = [PYTHON, "-c", _CLIENT_BOOT, str(n.ready_file), str(n.done_file), *pull]
-            n.proc = net.popen(
+            n.proc = _popen(
+                net,
                 n.host,
                 argv,
                 log=n.log("client"),
@@ -763,7 +808,7 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
             f"{mode}: {len(nodes)} clients ready ({setup_seconds:.1f}s); go "
             f"(T_min {s.bound:.1f}s, giving up after {s.deadline_s:.0f}s)"
         )
-        origin_before = net.origin.counters()
+        origin_before = _origin_counters(net)
         snap_before = _net_snapshot(net)
         node_before = [n.host.counters() for n in nodes]
         cpu_before = _cpu_times()
@@ -789,8 +834,10 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
                 # A stall detector: bytes into the nodes still pulling (a trickle of
                 # heartbeats is not progress).
                 last_sample = now
-                total = sum(n.host.counters()["rx_bytes"] for n in pending)
-                if total >= moved + STALL_BYTES or total < moved:
+                total = sum(_rx_bytes(n.host) for n in pending)
+                if total < 0:
+                    pass  # on loopback nodes have no counters: the deadline alone applies
+                elif total >= moved + STALL_BYTES or total < moved:
                     moved, last_moved = total, now
                 elif now - last_moved > s.stall_s:
                     stalled = True
@@ -801,7 +848,7 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
                     f"{last_report - t0:.0f}s")  # fmt: skip
             time.sleep(0.01)
         t_end = time.monotonic()
-        origin_after = net.origin.counters()
+        origin_after = _origin_counters(net)
         snap_after = _net_snapshot(net)
         node_after = [n.host.counters() for n in nodes]
         cpu_after = _cpu_times()
@@ -825,7 +872,8 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
                 try:
                     for digest in digests:
                         st = _json_in(
-                            n.host, f"http://127.0.0.1:{API_PORT}/api/v1/blobs/{digest}/stats"
+                            n.host,
+                            f"http://{n.host.local_address}:{API_PORT}/api/v1/blobs/{digest}/stats",
                         )
                         for key in totals:
                             totals[key] += int(st.get(key) or 0)
@@ -874,8 +922,9 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
         elif problem:
             problems.append(f"n{n.index}: {problem}")
         ok = rc == 0 and verdicts[i] is None
-        rx = node_after[i]["rx_bytes"] - node_before[i]["rx_bytes"]
-        tx = node_after[i]["tx_bytes"] - node_before[i]["tx_bytes"]
+        after, before = node_after[i], node_before[i]
+        rx = after["rx_bytes"] - before["rx_bytes"] if after and before else None
+        tx = after["tx_bytes"] - before["tx_bytes"] if after and before else None
         st = stats[i]
         node_times.append(seconds if ok else None)
         per_node.append(
@@ -951,6 +1000,41 @@ def _link_check(net: EmulatedNetwork, node_mbit: float, origin_mbit: float) -> d
     return {k: round(v, 2) for k, v in out.items()}
 
 
+def _start_origin(
+    net: EmulatedNetwork,
+    image: Image,
+    result: dict[str, Any],
+    queue_ms: float,
+    echo: Callable[[str], None],
+) -> LocalRegistry:
+    """The registry inside the origin namespace, the image pushed to it."""
+    rate, burst, latency = tbf_params(net.node_mbit, latency_ms=queue_ms)
+    result["network"] = {
+        "kind": "netns",
+        "tbf": {
+            "node": [rate, burst, latency],
+            "origin": list(tbf_params(net.origin_mbit, latency_ms=queue_ms)),
+        },
+        "mtu": net.mtu,
+        "queue_ms": net.latency_ms,
+        "tcp_congestion_control": net.origin.ns.sysctl("net.ipv4.tcp_congestion_control"),
+        "namespaces": f"{net.bridge.name.removesuffix('-br')}-*",
+    }
+    origin = net.origin
+    registry = LocalRegistry(
+        addr=origin.address,
+        port=REGISTRY_PORT,
+        cmd_prefix=origin.ns.exec_prefix,
+        probe=lambda url: origin.call(_answers, f"{url}/v2/"),
+    )
+    registry.start()
+    t = time.monotonic()
+    origin.call(push_image, registry.url, REPO, TAG, image)
+    echo(f"rollout: pushed {image.blobs_size / MIB:.1f} MiB to {registry.url} inside the "
+         f"origin namespace ({time.monotonic() - t:.1f}s)")  # fmt: skip
+    return registry
+
+
 def run_rollout(
     *,
     nodes: int,
@@ -962,6 +1046,7 @@ def run_rollout(
     piece_size: str | None = None,
     mode: Literal["registry", "p2p", "both"] = "both",
     client: str = "get",
+    network: Literal["auto", "netns", "loopback"] = "auto",
     out: Path,
     seed: int = 1,
     queue_ms: float = 20.0,
@@ -986,9 +1071,21 @@ def run_rollout(
         raise Refused("--nodes, --layers and --image-size must be positive")
     if node_mbit <= 0 or origin_mbit <= 0:
         raise Refused("--node-mbit and --origin-mbit must be positive")
-    reason = preflight()
-    if reason:
-        raise Refused(reason)
+    if network == "auto":
+        network = "netns" if os.geteuid() == 0 else "loopback"
+    if network == "loopback":
+        if mode != "p2p":
+            raise Refused(
+                f"--mode {mode} needs root (registry mode needs tc to shape each node's "
+                "link); without root (or with --network loopback) only --mode p2p runs"
+            )
+        if shutil.which("docker-registry") is None:
+            raise Refused("docker-registry not found: apt-get install docker-registry")
+        tcp_cc = None
+    else:
+        reason = preflight()
+        if reason:
+            raise Refused(reason)
     if tcp_cc:
         allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split()
         if tcp_cc not in allowed:
@@ -1014,7 +1111,6 @@ def run_rollout(
         "node_download": F / node_bps,
         "upload_capacity": nodes * F / (origin_bps + nodes * node_bps),
     }
-    rate, burst, latency = tbf_params(node_mbit, latency_ms=queue_ms)
     result: dict[str, Any] = {
         "benchmark": "rollout",
         "command": command or f"python -m bench rollout --nodes {nodes} ...",
@@ -1028,6 +1124,7 @@ def run_rollout(
             "piece_size": piece_size,
             "mode": mode,
             "client": client,
+            "network": network,
             "seed": seed,
             "queue_ms": queue_ms,
             "tcp_cc": tcp_cc,
@@ -1059,35 +1156,33 @@ def run_rollout(
     work = Path(tempfile.mkdtemp(prefix=f"p2pdist-rollout-{os.getpid()}-"))
     registry: LocalRegistry | None = None
     try:
-        with EmulatedNetwork(
-            nodes, node_mbit, origin_mbit, latency_ms=queue_ms, tcp_cc=tcp_cc, say=echo
-        ) as net:
-            result["network"] = {
-                "tbf": {
-                    "node": [rate, burst, latency],
-                    "origin": list(tbf_params(origin_mbit, latency_ms=queue_ms)),
-                },
-                "mtu": net.mtu,
-                "queue_ms": net.latency_ms,
-                "tcp_congestion_control": net.origin.ns.sysctl("net.ipv4.tcp_congestion_control"),
-                "namespaces": f"{net.bridge.name.removesuffix('-br')}-*",
-            }
-            origin = net.origin
-            registry = LocalRegistry(
-                addr=origin.address,
-                port=REGISTRY_PORT,
-                cmd_prefix=origin.ns.exec_prefix,
-                probe=lambda url: origin.call(_answers, f"{url}/v2/"),
-            )
-            registry.start()
-            t = time.monotonic()
-            origin.call(push_image, registry.url, REPO, TAG, image)
-            echo(f"rollout: pushed {F / MIB:.1f} MiB to {registry.url} inside the origin "
-                 f"namespace ({time.monotonic() - t:.1f}s)")  # fmt: skip
-            check = _link_check(net, node_mbit, origin_mbit)
-            result["network"]["link_check"] = check
-            echo("rollout: link check (one TCP stream): "
-                 + ", ".join(f"{k} {v:.1f}" for k, v in check.items()))  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            net: Network
+            if network == "loopback":
+                net = stack.enter_context(
+                    LoopbackNetwork(nodes, node_mbit, origin_mbit, REGISTRY_PORT, say=echo)
+                )
+                result["network"] = {
+                    "kind": "loopback",
+                    "shaping": "daemons' --download-rate/--upload-rate; a relay at the "
+                    "origin rate in front of the registry",
+                }
+                registry = LocalRegistry()
+                registry.start()
+                net.shape_origin((registry.addr, registry.port))
+                result["image"]["reference"] = f"{net.origin.address}:{REGISTRY_PORT}/{REPO}:{TAG}"
+                push_image(registry.url, REPO, TAG, image)
+            else:
+                net = stack.enter_context(
+                    EmulatedNetwork(
+                        nodes, node_mbit, origin_mbit, latency_ms=queue_ms, tcp_cc=tcp_cc, say=echo
+                    )
+                )
+                registry = _start_origin(net, image, result, queue_ms, echo)
+                check = _link_check(net, node_mbit, origin_mbit)
+                result["network"]["link_check"] = check
+                echo("rollout: link check (one TCP stream): "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in check.items()))  # fmt: skip
             setup = _Setup(
                 net=net,
                 image=image,
@@ -1142,6 +1237,7 @@ def rollout_cli(
     client: str,
     out: str,
     seed: int,
+    network: str = "auto",
     queue_ms: float = 20.0,
     tcp_cc: str | None = "reno",
     registry_concurrency: int = 1,
@@ -1179,6 +1275,11 @@ def rollout_cli(
             piece_size=piece_size,
             mode=mode if mode in ("registry", "p2p") else "both",  # type: ignore[arg-type]
             client=client,
+            network="netns"
+            if network == "netns"
+            else "loopback"
+            if network == "loopback"
+            else "auto",
             out=Path(out),
             seed=seed,
             queue_ms=queue_ms,

@@ -82,6 +82,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"expected more than 0 and at most 100, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < 10**7:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _add_fetch_flags(parser: argparse.ArgumentParser, *, progress: str) -> None:
     """The flags ``get`` and ``pull`` share: how to fetch, where to keep pieces, output."""
     parser.add_argument("--piece-size", help="piece size, e.g. 4MiB (default from config)")
@@ -157,6 +177,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="Docker engine (default $DOCKER_HOST, else unix:///var/run/docker.sock)",
     )
     _add_fetch_flags(pull, progress="no per-layer progress lines")
+
+    preheat = sub.add_parser(
+        "preheat",
+        help="warm an image on chosen nodes before a rollout (through the scheduler)",
+        description="Ask the scheduler to have one node (default), --nodes N, --percent P or "
+        "--all of the nodes fetch every blob of IMAGE into their stores through the swarm; "
+        "print progress until every chosen node holds every blob, verified.",
+    )
+    preheat.add_argument("image", help="[REGISTRY/]REPO[:TAG|@DIGEST]")
+    preheat.add_argument(
+        "--scheduler",
+        default=os.environ.get("P2PDIST_SCHEDULER"),
+        metavar="URL",
+        help="scheduler URL (default $P2PDIST_SCHEDULER, else the config's first scheduler)",
+    )
+    which = preheat.add_mutually_exclusive_group()
+    which.add_argument("--nodes", type=_positive, metavar="N", help="this many nodes")
+    which.add_argument(
+        "--percent", type=_percent, metavar="P", help="this percentage of the nodes (0-100]"
+    )
+    which.add_argument("--all", action="store_true", help="every registered node")
+    preheat.add_argument(
+        "--platform", type=_platform, help="os/arch[/variant] to pick from an index"
+    )
+    preheat.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up after this many seconds (600)",
+    )
+    preheat.add_argument(
+        "--interval",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between progress polls (1)",
+    )
+    preheat.add_argument("--config", help="config file (TOML)")
+    preheat.add_argument(
+        "--cluster-token-file", help="file holding the cluster's shared token (cluster auth)"
+    )
+    preheat.add_argument("-q", "--quiet", action="store_true", help="print errors only")
 
     daemon = sub.add_parser(
         "daemon",
@@ -296,6 +359,37 @@ def _run_pull(args: argparse.Namespace) -> None:
         await run_pull(request, config)
 
     _run_interruptibly(pull)
+
+
+def _run_preheat(args: argparse.Namespace) -> None:
+    from .preheat import PreheatRequest, run_preheat
+
+    config = load_node_config(
+        args.config, overrides={"cluster_token_file": args.cluster_token_file}
+    )
+    scheduler = args.scheduler or (config.schedulers[0] if config.schedulers else None)
+    if not scheduler:
+        raise UsageError(
+            "no scheduler: give --scheduler URL (or $P2PDIST_SCHEDULER, or schedulers in the "
+            "config)"
+        )
+    request = PreheatRequest(
+        image=args.image,
+        scheduler=scheduler,
+        nodes=args.nodes,
+        percent=args.percent,
+        all=args.all,
+        platform=args.platform,
+        timeout=args.timeout,
+        interval=args.interval,
+        quiet=args.quiet,
+        token=config.cluster_token,
+    )
+
+    async def preheat() -> None:
+        await run_preheat(request)
+
+    _run_interruptibly(preheat)
 
 
 def _run_interruptibly(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -439,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_get(args)
         elif args.command == "pull":
             _run_pull(args)
+        elif args.command == "preheat":
+            _run_preheat(args)
         elif args.command == "daemon":
             _run_daemon(args)
         elif args.command == "scheduler":

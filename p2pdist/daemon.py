@@ -12,7 +12,8 @@ It runs, in one trio nursery:
   ``GET /api/v1/blobs/<digest>/stats`` tells where its bytes came from;
 * the **registry proxy** (``--proxy-listen``, loopback by default) that dockerd and
   containerd pull through (:mod:`p2pdist.proxy`);
-* the link to the scheduler: registration, heartbeats, announcements;
+* the link to the scheduler: registration, heartbeats, announcements, and the preheat
+  jobs the scheduler orders in its answers to heartbeats (:mod:`p2pdist.preheater`);
 * the cache GC (:meth:`Node.gc_forever`).
 
 ``SIGHUP`` reloads the config file (:func:`run_daemon`): the settings in
@@ -61,6 +62,7 @@ from .httpserver import (
 from .node import BlobOrigin, Node, open_node
 from .peer import CompressionCache, PieceLocation, parse_piece_path
 from .pieces import piece_size_for
+from .preheater import Preheater
 from .proxy import (
     RegistryProxy,
     job_size,
@@ -288,10 +290,16 @@ class _Daemon:
     def _open_piece(self, digest: Digest, index: int, piece_size: int) -> tuple[int, PieceLocation]:
         """An open fd on the file holding a verified piece.  A partial task's data file is
         renamed into place when the task completes: then the piece is in the blob file."""
-        for _ in range(3):
-            loc = self.node.piece_location(digest, index, piece_size)
+        # A task being committed: its data file is renamed to the blob's path a moment
+        # before the task is closed, so after a miss look in the blob alone.  (A 404
+        # tells the asker we never had the piece; the scheduler then drops every claim
+        # of ours on the blob.)
+        for blob_only in (False, True, True):
+            loc = self.node.piece_location(digest, index, piece_size, blob_only=blob_only)
             if loc is None:
-                break
+                if blob_only:
+                    break
+                continue
             try:
                 return os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC), loc
             except FileNotFoundError:
@@ -366,6 +374,7 @@ class _Daemon:
                     "seconds": round(s.seconds, 3),
                     "bad_pieces": s.bad_pieces,
                     "fallback": s.fallback,
+                    "stragglers": s.stragglers,
                 }
             )
         if request.method not in ("GET", "HEAD"):
@@ -566,7 +575,9 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
                     )
                     info.proxy_url = served.url
             if link is not None:
-                nursery.start_soon(link.heartbeat_forever, daemon.load)
+                # Preheat jobs arrive in the answers to heartbeats (p2pdist.preheater).
+                preheater = Preheater(node)
+                nursery.start_soon(partial(link.heartbeat_forever, daemon.load, preheat=preheater))
             log.info(
                 "daemon %s: peers at %s, local API at %s, registry proxy at %s",
                 host_id,

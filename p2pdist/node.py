@@ -96,6 +96,15 @@ class Job:
             return 0
         return _prefix(task, plan)
 
+    def generation(self) -> tuple[int, int] | None:
+        """Changes whenever bytes this attempt had verified may no longer be its bytes: the
+        task was replaced (a restart under another piece plan) or pieces were un-verified
+        (found bad on disk).  None once the blob is complete (or between tasks)."""
+        task = self.task
+        if self.path is not None or task is None or task.closed:
+            return None
+        return id(task), task.drops
+
     def open_verified(self, beyond: int = 0) -> tuple[int, int] | None:
         """``(fd, n)``: an open file whose first ``n`` bytes (``n > beyond``) are verified
         bytes of this attempt (the complete blob, or the task's data file, duplicated under
@@ -194,9 +203,13 @@ class Node:
 
     # -- what the peer server serves -------------------------------------------------------
 
-    def piece_location(self, digest: Digest, index: int, piece_size: int) -> PieceLocation | None:
-        """Where verified piece ``index`` (cut at ``piece_size``) is, or None."""
-        task = self._tasks.get(digest)
+    def piece_location(
+        self, digest: Digest, index: int, piece_size: int, *, blob_only: bool = False
+    ) -> PieceLocation | None:
+        """Where verified piece ``index`` (cut at ``piece_size``) is, or None.
+        ``blob_only``: look only in the complete blob (the task's data file was just
+        renamed into place and the task is not closed yet)."""
+        task = None if blob_only else self._tasks.get(digest)
         if task is not None and not task.closed:
             if task.plan.piece_size != piece_size:
                 return None

@@ -68,7 +68,7 @@ import trio
 
 from .config import NodeConfig, RegistryConfig
 from .digest import Digest, sha256_digest
-from .errors import InvalidDigest, ManifestInvalid, NetworkError, UpstreamError
+from .errors import InvalidDigest, ManifestInvalid, NetworkError, StoreFull, UpstreamError
 from .httpserver import (
     FileBody,
     FileChunk,
@@ -124,14 +124,22 @@ _PASSED_HEADERS: Final = ("www-authenticate", "retry-after")
 # -- serving a Job over HTTP (shared with the daemon's local API) -------------------------
 
 
+def job_error(error: BaseException) -> HTTPError:
+    """The answer for a download that failed: 404 when the upstream has no such blob (or
+    will not say), 507 when this node's disk is full, else 502."""
+    if isinstance(error, StoreFull):
+        return HTTPError(507, f"this node cannot store the blob: {error}", code="UNAVAILABLE")
+    status = 404 if getattr(error, "exit_code", 0) == 3 else 502
+    return HTTPError(status, str(error))
+
+
 async def job_size(job: Job) -> int:
     """The blob's size as soon as the job knows it (HTTPError if the job failed first:
     404 for not found / unauthorized upstream, else 502)."""
     while job.plan is None:
         if job.done.is_set():
             if job.error is not None:
-                status = 404 if getattr(job.error, "exit_code", 0) == 3 else 502
-                raise HTTPError(status, str(job.error))
+                raise job_error(job.error)
             break
         await job.changed.wait()
     if job.plan is None:
@@ -159,11 +167,19 @@ async def stream_job(
 async def _stream_job(job: Job, start: int, stop: int) -> AsyncIterator[bytes | FileChunk]:
     sent = start
     attempt = job.attempt
+    generation = job.generation()
     while sent < stop:
         if job.attempt != attempt and sent > start:
             # The swarm's bytes failed the whole-blob check and the download started
             # over: what was already sent cannot be trusted.  Cut the stream.
             raise HTTPError(502, f"blob {job.digest} failed its digest check; retry")
+        now = job.generation()
+        if now is not None and now != generation:
+            if sent > start and generation is not None:
+                # Pieces we may have sent were un-verified (bad on disk) or the task was
+                # replaced: the bytes sent may not be the blob's.  Cut the stream.
+                raise HTTPError(502, f"blob {job.digest}: verified data changed; retry")
+            generation = now
         changed = job.changed
         opened = job.open_verified(beyond=sent)
         if opened is not None:
@@ -187,7 +203,7 @@ async def _stream_job(job: Job, start: int, stop: int) -> AsyncIterator[bytes | 
             os.close(fd)
         if job.done.is_set():
             if job.error is not None:
-                raise HTTPError(502, str(job.error))
+                raise job_error(job.error)
             if job.verified_prefix() <= sent or opened is None:
                 # Finished, but the bytes are not there (the blob was removed meanwhile,
                 # found corrupt): cut the stream rather than look again forever.

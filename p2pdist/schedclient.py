@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import httpx
 import trio
@@ -29,6 +29,8 @@ from scheduler import (
     HostLoad,
     LeaveHost,
     LeaveTask,
+    PreheatOrder,
+    PreheatReport,
     RegisterHost,
     Rejected,
     ReportPieceFailure,
@@ -42,7 +44,7 @@ from .digest import Digest
 from .errors import NetworkError, P2PDistError, PlanConflict
 from .swarm import FailureReason
 
-__all__ = ["SchedulerClient"]
+__all__ = ["PreheatLink", "SchedulerClient"]
 
 log = logging.getLogger("p2pdist.schedclient")
 
@@ -51,6 +53,16 @@ AnnounceFn = Callable[[], Awaitable[list[Announce]]]
 
 class SchedulerUnavailable(NetworkError):
     pass
+
+
+class PreheatLink(Protocol):
+    """What the heartbeat carries for preheat (:class:`p2pdist.preheater.Preheater`)."""
+
+    def reports(self) -> tuple[PreheatReport, ...]: ...
+
+    def apply(self, orders: tuple[PreheatOrder, ...]) -> None: ...
+
+    async def wait_changed(self) -> None: ...
 
 
 class SchedulerClient:
@@ -171,16 +183,29 @@ class SchedulerClient:
             await self._post(StartTask(self.host_id, digest, *plan))
 
     async def heartbeat_forever(
-        self, load: Callable[[], HostLoad], interval: float = 5.0
+        self,
+        load: Callable[[], HostLoad],
+        interval: float = 5.0,
+        *,
+        preheat: PreheatLink | None = None,
     ) -> NoReturn:
+        """Heartbeat every ``interval`` seconds.  With ``preheat``: each beat carries its
+        reports, the answer's orders go to it, and a job ending beats at once."""
         while True:
             try:
-                await self.call(Heartbeat(self.host_id, load()))
+                reports = preheat.reports() if preheat is not None else ()
+                answer = await self.call(Heartbeat(self.host_id, load(), reports))
+                if preheat is not None and isinstance(answer, Ack):
+                    preheat.apply(answer.preheat)
                 await self.announce_new_blobs()
             except (P2PDistError, httpx.HTTPError) as exc:
                 # Never let the heartbeat take the daemon down: try again next time.
                 log.warning("heartbeat: %s", exc)
-            await trio.sleep(interval)
+            with trio.move_on_after(interval):
+                if preheat is not None:
+                    await preheat.wait_changed()
+                else:
+                    await trio.sleep_forever()
 
     async def update_host(self, upload_slots: int) -> None:
         """Tell the scheduler this host's new upload slots (a config reload)."""

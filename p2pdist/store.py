@@ -641,6 +641,9 @@ class Task:
         self._write_lock = threading.Lock()
         self._hasher = digest.hasher()
         self._hashed = 0  # pieces [0, _hashed) are in _hasher
+        #: Verified pieces un-verified since the task was opened (drop_pieces,
+        #: verify_pieces): a reader that sent bytes before a drop may have sent bad ones.
+        self.drops = 0
         self._hash_buf: bytearray | None = None
 
         if self._try_resume(plan) is None:
@@ -1023,6 +1026,7 @@ class Task:
                     self._verified_count -= 1
                     self._verified_bytes -= self.plan.length(i)
                     dropped.append(i)
+                self.drops += len(dropped)
             if dropped and min(dropped) < self._hashed:
                 self._hasher = self.digest.hasher()
                 self._hashed = 0
@@ -1061,6 +1065,7 @@ class Task:
                         self._hashes[i] = None
                         self._verified_count -= 1
                         self._verified_bytes -= end - start
+                        self.drops += 1
                     bad.append(i)
             if bad and min(bad) < self._hashed:
                 self._hasher = self.digest.hasher()

@@ -29,6 +29,7 @@ from bench.rollout import (
     t_min,
     verify_layout,
 )
+from tests.helpers import REGISTRY_MISSING_REASON, registry_installed
 
 MIB = 1 << 20
 MBIT = 1e6 / 8  # bytes/s per Mbit/s
@@ -411,6 +412,38 @@ def test_small_rollout_in_both_modes(tmp_path: Path) -> None:
         assert (out / name).is_file()
     assert (out / "logs" / "p2p" / "n0-daemon.log").is_file()
     assert _leftovers(proc.pid) == ([], [], [])
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not registry_installed(), reason=REGISTRY_MISSING_REASON)
+def test_small_p2p_rollout_on_loopback_without_namespaces(tmp_path: Path) -> None:
+    """The mode that needs no root: nodes on 127.77.1.x limited by their daemons' own
+    rates, the registry behind a counting relay at the origin rate."""
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "-m", "bench", "rollout", "--network", "loopback", "--mode", "p2p",
+        "--nodes", "3", "--node-mbit", "200", "--origin-mbit", "200", "--image-size", "16MiB",
+        "--layers", "4", "--piece-size", "1MiB", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout
+    result = json.loads((out / "result.json").read_text())
+    F = result["image"]["bytes"]
+    assert result["ok"] is True and result["params"]["network"] == "loopback"
+    p2p = result["modes"]["p2p"]
+    assert [n["verified"] for n in p2p["per_node"]] == [True] * 3, p2p["problems"]
+    for n in p2p["per_node"]:
+        assert n["from_registry"] + n["from_peers"] >= F
+        assert n["rx_bytes"] is None  # no interface of its own to count on
+    # The relay counted one copy (and a little HTTP), not three; the limits paced the
+    # transfer (a node cannot take F in faster than its download rate allows).
+    assert F <= p2p["registry_egress_bytes"] <= 1.3 * F
+    assert p2p["from_peers_total"] > 0
+    assert p2p["times"]["ratio_to_t_min"]["max"] >= 0.9
+    assert (out / "report.md").is_file()
 
 
 @pytest.mark.integration
