@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any, NoReturn, Protocol
 
 import httpx
@@ -95,6 +96,10 @@ class SchedulerClient:
         self._plans: dict[str, tuple[int, int]] = {}
         self._complete: set[str] = set()
         """Complete blobs the scheduler has been told of (announced or completed)."""
+        self._leaves = 0
+        self._left: dict[str, int] = {}
+        """Blobs this host left (evicted) -> the count of leaves when it did: a listing of
+        the store taken before that is stale for them."""
 
     @property
     def host_id(self) -> str:
@@ -170,11 +175,15 @@ class SchedulerClient:
         if not self._registered:
             return 0
         new = 0
+        leaves = self._leaves
         for ann in await self.announcements():
             if ann.complete and ann.digest not in self._complete:
+                if self._left.get(ann.digest, 0) > leaves:
+                    continue  # evicted since the store was listed: not ours to offer
                 await self.call(ann)
                 self._complete.add(ann.digest)
                 new += 1
+        self._left = {d: n for d, n in self._left.items() if n > leaves}
         return new
 
     async def _reannounce_task(self, digest: str) -> None:
@@ -210,6 +219,14 @@ class SchedulerClient:
                     await preheat.wait_changed()
                 else:
                     await trio.sleep_forever()
+
+    async def update_host(self, upload_slots: int) -> None:
+        """Tell the scheduler this host's new upload slots (a config reload)."""
+        self.host = replace(self.host, upload_slots=upload_slots)
+        try:
+            await self._post(self.host)
+        except P2PDistError as exc:
+            log.info("scheduler: %s", exc)
 
     async def leave(self) -> None:
         with contextlib.suppress(NetworkError):
@@ -254,6 +271,10 @@ class SchedulerClient:
         self._complete.add(str(digest))
 
     async def leave_task(self, digest: Digest) -> None:
+        """The blob is gone from this node (evicted, found corrupt): stop offering it."""
+        self._complete.discard(str(digest))
+        self._leaves += 1
+        self._left[str(digest)] = self._leaves
         await self.call(LeaveTask(self.host_id, str(digest)))
 
     async def mismatch(self, digest: Digest, epoch: int | None) -> None:

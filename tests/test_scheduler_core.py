@@ -680,6 +680,25 @@ def test_last_peer_leaving_forgets_the_task() -> None:
     assert s.handle(Assign("a", D), 0.0) == Unknown("task")
 
 
+def test_a_seed_that_evicted_the_blob_is_no_longer_a_parent() -> None:
+    """A daemon's cache GC evicts a blob and sends LeaveTask: the scheduler stops
+    offering its pieces; with no holder left, a new node goes to the registry."""
+    s = Scheduler(SchedulerConfig(max_pieces_per_parent=COUNT))
+    for h in ("s1", "s2"):
+        join(s, h)
+    seed_with(s, "s1")
+    s.handle(Announce("s2", D, SIZE, PIECE, complete=True), 0.0)
+    assert s.handle(LeaveTask("s1", D), 1.0) == Ack()  # s1 evicted it
+    join(s, "late", 2.0)
+    a = assign(s, "late", 2.0)
+    assert a.from_peers and {p.parent_id for p in a.from_peers} == {"s2"}
+    assert s.handle(LeaveTask("s2", D), 3.0) == Ack()  # and then s2 too
+    s.handle(LeaveTask("late", D), 3.0)
+    join(s, "next", 4.0)
+    a = assign(s, "next", 4.0)
+    assert not a.from_peers and a.from_source
+
+
 # --- property: assignments never break the rules ---------------------------------------------
 
 ops = st.lists(
