@@ -74,7 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     roll.add_argument("--piece-size", default=None, help="default: p2pdist's own")
     roll.add_argument("--mode", choices=["registry", "p2p", "both"], default="both")
     roll.add_argument(
-        "--client", choices=["get", "pull"], default="get", help="get: p2pdist pull --output"
+        "--client",
+        choices=["get", "pull"],
+        default="get",
+        help="get: p2pdist pull --output (default); pull: into a dockerd per node",
     )
     roll.add_argument(
         "--network",

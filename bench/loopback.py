@@ -7,13 +7,14 @@ registry.
 :class:`bench.netns.EmulatedNetwork`.  It has the same shape (``origin``, ``scheduler``,
 ``node_hosts``, ``popen``, ``counters``), so the harness runs unchanged:
 
-- node ``i`` listens on ``127.77.1.(i+1)`` (Linux answers on all of 127.0.0.0/8 with no
-  set-up), the scheduler on ``127.77.0.3``;
+- node ``i`` listens on ``127.B.1.(i+1)`` (Linux answers on all of 127.0.0.0/8 with no
+  set-up; B is 100-199, from the process id, so that two runs at once do not meet), the
+  scheduler on ``127.B.0.3``;
 - each daemon runs with ``--download-rate`` and ``--upload-rate`` at the node rate
   (:mod:`p2pdist.ratelimit`: every byte in, from peers and registry, and every byte out
   to peers, paced by one token bucket each);
 - the registry listens on a free port of 127.0.0.1 and the nodes reach it through
-  :class:`OriginShaper` on ``127.77.0.2:5000``: a TCP relay whose answers share one token
+  :class:`OriginShaper` on ``127.B.0.2:5000``: a TCP relay whose answers share one token
   bucket at the origin rate (the origin's uplink) and which counts every byte it relays
   (the registry's egress, as the origin interface's counters do in the namespaced run).
 
@@ -187,10 +188,13 @@ class LoopbackNetwork:
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 250:
             raise ValueError("nodes must be 1..250 on loopback")
-        self.origin = LoopbackHost("origin", "127.77.0.2", self.origin_mbit)
-        self.scheduler = LoopbackHost("scheduler", "127.77.0.3", None)
+        # A block of 127/8 of this run's own (two runs at once, e.g. a test beside a
+        # benchmark, must not meet on the same addresses and ports).
+        net = f"127.{100 + os.getpid() % 100}"
+        self.origin = LoopbackHost("origin", f"{net}.0.2", self.origin_mbit)
+        self.scheduler = LoopbackHost("scheduler", f"{net}.0.3", None)
         self.node_hosts = [
-            LoopbackHost("node", f"127.77.1.{i + 1}", self.node_mbit, i) for i in range(self.nodes)
+            LoopbackHost("node", f"{net}.1.{i + 1}", self.node_mbit, i) for i in range(self.nodes)
         ]
 
     def all_hosts(self) -> list[LoopbackHost]:

@@ -138,6 +138,13 @@ class NetNS:
         execs the command, so the process id is the command's own)."""
         return ["ip", "netns", "exec", self.name]
 
+    @property
+    def net_only_prefix(self) -> list[str]:
+        """Like :attr:`exec_prefix`, but enters the network namespace only: the process
+        keeps the host's mounts (``ip netns exec`` also remounts ``/sys``, which hides
+        the cgroup hierarchies dockerd needs).  ``nsenter`` execs the command too."""
+        return ["nsenter", f"--net={_NETNS_DIR / self.name}"]
+
     def ip(self, *args: str, check: bool = True) -> str:
         return _run(["ip", "-n", self.name, *args], check=check)
 

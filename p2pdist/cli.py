@@ -255,7 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--download-rate", help="receive at most this, e.g. 100Mbit or 12MiB/s")
     daemon.add_argument("--upload-rate", help="send to peers at most this, e.g. 100Mbit")
     daemon.add_argument("--source-rate", help="fetch from registries at most this, e.g. 50Mbit")
-    daemon.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    daemon.add_argument("--cache-ttl", help="evict blobs unused this long, e.g. 24h ('off')")
+    daemon.add_argument("--cache-quota", help="disk quota of the blob cache, e.g. 20GiB ('off')")
+    daemon.add_argument(
+        "--cache-high-watermark", help="evict LRU blobs above this fraction of the quota (0.9)"
+    )
+    daemon.add_argument(
+        "--cache-low-watermark", help="... down to this fraction of the quota (0.8)"
+    )
+    daemon.add_argument("--gc-interval", help="seconds between cache GC passes, e.g. 60s")
+    daemon.add_argument(
+        "--log-level", help="debug, info, warning, error (default: the config's, else info)"
+    )
     daemon.add_argument(
         "--log-format",
         choices=["text", "json"],
@@ -435,30 +446,38 @@ def _logging(level: str, fmt: str) -> None:
 def _run_daemon(args: argparse.Namespace) -> None:
     from .daemon import run_daemon
 
-    config = load_node_config(
-        args.config,
-        overrides={
-            "data_dir": args.data_dir,
-            "schedulers": args.schedulers,
-            "peer_listen": args.peer_listen,
-            "advertise": args.advertise,
-            "api_listen": args.api_listen,
-            "proxy_listen": args.proxy_listen,
-            "upstream": args.upstream,
-            "host_id": args.host_id,
-            "zone": args.zone,
-            "piece_size": args.piece_size,
-            "concurrency": args.concurrency,
-            "upload_slots": args.upload_slots,
-            "download_rate": args.download_rate,
-            "upload_rate": args.upload_rate,
-            "source_rate": args.source_rate,
-            "cluster_token_file": args.cluster_token_file,
-            "log_format": args.log_format,
-        },
-    )
-    _logging(args.log_level, config.log_format)
-    trio.run(run_daemon, config)
+    overrides = {
+        "data_dir": args.data_dir,
+        "schedulers": args.schedulers,
+        "peer_listen": args.peer_listen,
+        "advertise": args.advertise,
+        "api_listen": args.api_listen,
+        "proxy_listen": args.proxy_listen,
+        "upstream": args.upstream,
+        "host_id": args.host_id,
+        "zone": args.zone,
+        "piece_size": args.piece_size,
+        "concurrency": args.concurrency,
+        "upload_slots": args.upload_slots,
+        "download_rate": args.download_rate,
+        "upload_rate": args.upload_rate,
+        "source_rate": args.source_rate,
+        "cluster_token_file": args.cluster_token_file,
+        "cache_ttl": args.cache_ttl,
+        "cache_quota": args.cache_quota,
+        "cache_high_watermark": args.cache_high_watermark,
+        "cache_low_watermark": args.cache_low_watermark,
+        "gc_interval": args.gc_interval,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+
+    def reload() -> NodeConfig:  # SIGHUP: the file again, under the same env and flags
+        return load_node_config(args.config, overrides=overrides)
+
+    config = reload()
+    _logging(config.log_level or "info", config.log_format)
+    trio.run(run_daemon, config, reload)
 
 
 def _run_setup(args: argparse.Namespace) -> None:

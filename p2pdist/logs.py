@@ -117,13 +117,17 @@ def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = Non
         raise UsageError(f"invalid log format {fmt!r}: expected text or json")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_quiet_http_clients)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # httpx logs every request at INFO (each heartbeat, each scheduler event): only at
-    # DEBUG is that wanted.
-    quiet = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(quiet)
+
+
+def _quiet_http_clients(record: logging.LogRecord) -> bool:
+    """httpx logs every request at INFO (each heartbeat, each scheduler event): those lines
+    pass only while the root logger is at DEBUG (``log_level`` may change on SIGHUP)."""
+    if record.levelno >= logging.WARNING or not record.name.startswith(("httpx", "httpcore")):
+        return True
+    return logging.getLogger().level <= logging.DEBUG

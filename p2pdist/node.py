@@ -5,7 +5,10 @@
 * one download per blob: every local request for the same digest (CLI, proxy, preheat)
   joins the job already running instead of starting another;
 * registry clients, pooled per registry host (connections and tokens are reused);
-* the link to the scheduler, and the HTTP client that fetches pieces from parents.
+* the link to the scheduler, and the HTTP client that fetches pieces from parents;
+* the cache GC (:meth:`Node.collect_garbage`, policy in :mod:`p2pdist.gc`): periodic and
+  after each completed download; every running download holds a lease on its blob, and an
+  evicted blob is no longer announced to the scheduler.
 
 Open it with :func:`open_node`; jobs run in the node's own nursery, so a client that goes
 away does not cancel a download others are waiting for.
@@ -17,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -28,7 +32,8 @@ import trio
 from .clusterauth import token_headers
 from .config import NodeConfig
 from .digest import Digest
-from .errors import DigestMismatch, P2PDistError, PlanConflict, UsageError
+from .errors import DigestMismatch, P2PDistError, PlanConflict, StoreError, UsageError
+from .gc import GCPlan, GCPolicy, plan_gc
 from .logs import log_context
 from .metrics import NodeMetrics
 from .peer import PieceLocation
@@ -151,9 +156,14 @@ class Node:
         self.store = store
         self.link = link
         self.peers = peers
-        self.bandwidth = Bandwidth.from_rates(
+        # Adjustable: a config reload (SIGHUP) changes the rates of running transfers.
+        self.bandwidth = Bandwidth.adjustable(
             download=config.download_rate, upload=config.upload_rate, source=config.source_rate
         )
+        self._gc_wanted = trio.Event()
+        self._gc_lock = trio.Lock()
+        self.evicted = 0
+        """Blobs the cache GC has evicted since start."""
         self.fetch_slots = FetchSlots(config.concurrency)
         self.peer_conns = PeerConnections(token_headers(config.cluster_token))
         self._seq = itertools.count()
@@ -214,7 +224,10 @@ class Node:
         path = self.store.blob_path(digest)
         if path is None:
             return None
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # evicted meanwhile
+            return None
         # Only the blob's own piece plan: a peer must not choose how much we read at once.
         recorded = self.blob_piece_hashes(digest)
         allowed = {piece_size_for(size, self.config.piece_size)}
@@ -229,8 +242,9 @@ class Node:
         return PieceLocation(path, start, end - start)
 
     async def forget_blob(self, digest: Digest) -> None:
-        """The blob is gone from the store (found corrupt): stop offering it."""
+        """The blob is gone from the store (found corrupt, or evicted): stop offering it."""
         self.stats.pop(digest, None)
+        self._piece_hashes.pop(digest, None)
         if self.link is not None:
             try:
                 await self.link.leave_task(digest)
@@ -285,15 +299,20 @@ class Node:
 
     async def _run(self, job: Job, origin: BlobOrigin, size: int | None) -> None:
         timer = self.metrics.time_task()
+        # A blob being downloaded (and, once complete, until the job is over) is never
+        # evicted; readers that stream it hold their own lease.
+        self.store.acquire(job.digest)
         try:
             with log_context(task=str(job.digest)):
                 job.path = await self._complete(job, origin, size)
+            self.request_gc()
         except P2PDistError as exc:
             job.error = exc
         except Exception as exc:  # a bug: keep the daemon up, tell the waiters
             log.exception("download of %s failed", job.digest)
             job.error = exc
         finally:
+            self.store.release(job.digest)
             timer.done(ok=job.error is None and job.path is not None)
             job.done.set()
             job.notify()
@@ -388,6 +407,53 @@ class Node:
             return await trio.to_thread.run_sync(self.store.open_task, digest, size, piece_size)
         except BlobComplete:
             return None
+
+    # -- cache GC ----------------------------------------------------------------------------
+
+    def request_gc(self) -> None:
+        """Run a GC pass soon (after a download completed)."""
+        self._gc_wanted.set()
+
+    async def collect_garbage(self, now: float | None = None) -> GCPlan:
+        """One GC pass under the current config: evict what the policy says, skipping
+        blobs that became in use since it looked; the scheduler is told of each eviction."""
+        policy = GCPolicy.from_config(self.config)
+        async with self._gc_lock:
+            if not policy.enabled:
+                return GCPlan((), 0, 0)
+            entries = await trio.to_thread.run_sync(self.store.cache_entries)
+            plan = plan_gc(entries, policy, now=time.time() if now is None else now)
+            for ev in plan.evict:
+                digest = Digest.parse(ev.digest)
+                try:
+                    gone = await trio.to_thread.run_sync(self.store.evict, digest)
+                except StoreError as exc:
+                    log.warning("cache GC: %s", exc)
+                    continue
+                if not gone:
+                    log.info("cache GC: %s is in use now: kept", digest)
+                    continue
+                self.evicted += 1
+                log.info("cache GC: evicted %s (%d bytes, %s)", digest, ev.size, ev.reason)
+                await self.forget_blob(digest)
+            if plan.short:
+                log.warning(
+                    "cache GC: %d bytes over the low watermark are in use or downloading",
+                    plan.short,
+                )
+            return plan
+
+    async def gc_forever(self) -> None:
+        """Every ``gc_interval`` seconds (read anew each time: a reload changes it), and
+        whenever :meth:`request_gc` asks."""
+        while True:
+            with trio.move_on_after(self.config.gc_interval):
+                await self._gc_wanted.wait()
+            self._gc_wanted = trio.Event()
+            try:
+                await self.collect_garbage()
+            except StoreError as exc:
+                log.warning("cache GC: %s", exc)
 
     async def aclose(self) -> None:
         await self.peer_conns.aclose()

@@ -59,6 +59,7 @@ import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Final
 from urllib.parse import quote
@@ -70,6 +71,7 @@ from .config import NodeConfig, RegistryConfig
 from .digest import Digest, sha256_digest
 from .errors import InvalidDigest, ManifestInvalid, NetworkError, StoreFull, UpstreamError
 from .httpserver import (
+    FileBody,
     FileChunk,
     HTTPError,
     Request,
@@ -90,6 +92,7 @@ from .registry import (
     resolve_credentials,
 )
 from .registry._http import open_response, read_capped
+from .store import PieceStore
 
 __all__ = [
     "API_VERSION_HEADER",
@@ -98,6 +101,7 @@ __all__ = [
     "ManifestCache",
     "RegistryProxy",
     "job_size",
+    "leased_blob_response",
     "stream_job",
     "upstream_host",
     "with_upstream_registry",
@@ -155,7 +159,16 @@ async def stream_job(
     range's final byte only after the whole blob matched its digest.  If the download
     fails the stream stops short (HTTPError), so the client sees a truncated body (or,
     before the first byte, an error status)."""
-    stop = size if end is None else end
+    # The blob is not evicted while it is being streamed (the cache GC waits for us).
+    node.store.acquire(job.digest)
+    try:
+        async for item in _stream_job(job, start, size if end is None else end):
+            yield item
+    finally:
+        node.store.release(job.digest)
+
+
+async def _stream_job(job: Job, start: int, stop: int) -> AsyncIterator[bytes | FileChunk]:
     sent = start
     attempt = job.attempt
     generation = job.generation()
@@ -205,6 +218,31 @@ async def stream_job(
         # now and then: a stalled upstream must not hold back bytes already verified.
         with trio.move_on_after(_STREAM_POLL):
             await changed.wait()
+
+
+async def leased_blob_response(
+    store: PieceStore, digest: Digest, request: Request, headers: list[tuple[str, str]]
+) -> Response | None:
+    """The complete blob (or the ``Range`` asked for) from the store, zero-copy, with a
+    lease on it until the body is sent or abandoned (the cache GC leaves it alone); None
+    if the store does not have it (also: evicted just now)."""
+    store.acquire(digest)
+    handed_over = False
+    try:
+        path = await trio.to_thread.run_sync(store.checked_blob_path, digest)
+        if path is None:
+            return None
+        try:
+            response = file_response(path, request.headers.get("range"), headers)
+        except FileNotFoundError:
+            return None
+        assert isinstance(response.body, FileBody)
+        response.body = replace(response.body, on_done=partial(store.release, digest))
+        handed_over = True
+        return response
+    finally:
+        if not handed_over:
+            store.release(digest)
 
 
 # -- upstream configuration -----------------------------------------------------------------
@@ -788,14 +826,9 @@ class RegistryProxy:
         self, request: Request, digest: Digest, headers: list[tuple[str, str]]
     ) -> Response | None:
         """The complete blob from the store (zero-copy), or None if the node lacks it."""
-        path = await trio.to_thread.run_sync(self.node.store.checked_blob_path, digest)
-        if path is None:
-            return None
-        try:
-            response = file_response(path, request.headers.get("range"), headers)
-        except FileNotFoundError:
-            return None
-        _cache_hit.set(True)
+        response = await leased_blob_response(self.node.store, digest, request, headers)
+        if response is not None:
+            _cache_hit.set(True)
         return response
 
     async def _blob_size_upstream(self, up: _Upstream, digest: Digest) -> int:

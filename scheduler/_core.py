@@ -83,13 +83,16 @@ Failures (``ReportPieceFailure``)
 Endgame (``straggler``)
     A host whose piece has been in flight from its parent far longer than its other
     pieces (its own judgement: the node's rule is in ``p2pdist/swarm.py``) reports
-    ``straggler`` and keeps fetching: the assignment is released and the parent
-    penalised as for ``slow``, so the piece is offered to the host again at once, from
-    another holder - never from that parent (``PeerTask.stragglers``) until the host
-    reports the piece (the first copy to arrive wins; the host cancels the other) or
-    another failure of it from that parent (that fetch ended).  Nothing else changes:
-    the second assignment is an ordinary one, and with no other holder the host simply
-    waits for the first copy (or, once the parent is benched, is leased the piece).
+    ``straggler`` and keeps fetching: the assignment is released and, if another host
+    holds the piece, the parent is penalised as for ``slow`` (as the only holder it is
+    not: the seed everyone asks at the start of a rollout is busy, not broken, and
+    benching it would send its pieces to the registry again), so the piece is offered
+    to the host again at once, from another holder - never from
+    that parent (``PeerTask.stragglers``) until the host reports the piece (the first
+    copy to arrive wins; the host cancels the other) or another failure of it from that
+    parent (that fetch ended).  Nothing else changes: the second assignment is an
+    ordinary one, and with no other holder the host simply waits for the first copy (a
+    parent that misses the piece timeout reports ``slow``, which counts).
 
 Preheat
     ``start_preheat`` (the service's ``POST /api/v1/preheat``) picks hosts for a preheat
@@ -464,6 +467,7 @@ class Scheduler:
             self._release_lease(task, pt, i)
             self._release_inflight(task, pt, i)
             pt.stragglers.pop(i, None)
+            pt.uncounted.discard(i)
             h = hashes.get(i) if hashes is not None else None
             if h is not None and _HEX64.fullmatch(h) is None:
                 rejected.append(i)
@@ -518,6 +522,7 @@ class Scheduler:
                     task.publishers[i] = pt.host.host_id
         pt.complete = True
         pt.stragglers.clear()
+        pt.uncounted.clear()
         for i in list(pt.leases):
             self._release_lease(task, pt, i)
         for i in list(pt.inflight):
@@ -534,6 +539,7 @@ class Scheduler:
         task.excluded.clear()
         for pt in task.peers.values():
             pt.stragglers.clear()
+            pt.uncounted.clear()
             for i in list(pt.leases):
                 self._release_lease(task, pt, i)
             for i in list(pt.inflight):
@@ -559,11 +565,19 @@ class Scheduler:
         matched = entry is not None and entry[0] == ev.parent_id
         if matched:
             self._release_inflight(task, pt, piece)
+        sole = len(task.holders[piece]) <= 1 + (pt.host.host_id in task.holders[piece])
         if ev.reason == "straggler":
             if not pt.have[piece]:
                 pt.stragglers[piece] = ev.parent_id
+                if sole:
+                    pt.uncounted.add(piece)
         elif pt.stragglers.get(piece) == ev.parent_id:
             del pt.stragglers[piece]  # that fetch is over
+            if piece in pt.uncounted:
+                # The straggler report released its assignment without counting: how
+                # the fetch ended (a piece timeout, an error) counts instead.
+                pt.uncounted.discard(piece)
+                matched = matched or ev.reason != "refused"
         parent = self._hosts.get(ev.parent_id)
         if ev.reason == "bad_hash":
             self._exclude(task, ev.parent_id, piece)
@@ -582,10 +596,18 @@ class Scheduler:
                 # would hold its ranges back until it expires.  Re-lease them now (if it
                 # is alive after all, those ranges leave the registry twice).
                 self._release_all_leases(parent)
-        elif ev.reason in ("slow", "straggler"):  # serving, slowly: failing once benched
+        elif ev.reason == "slow":  # serving, slowly: failing only once benched
             # On a congested link every parent is slow now and then: treating that as
             # failing would send its pieces to the registry (needs_source).
             self._penalise(parent, now, cfg.slow_penalty, counted=matched, failing=False)
+        elif ev.reason == "straggler":
+            # Slower than the host's other pieces.  As the piece's only holder it is
+            # often merely busy (the seed everyone asks at the start of a rollout):
+            # nothing happens, the host waits for it (a piece timeout, "slow", counts).
+            # With another holder it is penalised as for "slow", and once benched its
+            # pieces no one else holds go to the registry.
+            if not sole:
+                self._penalise(parent, now, cfg.slow_penalty, counted=matched, failing=False)
         elif ev.reason == "missing":
             self._penalise(parent, now, cfg.error_penalty, counted=matched)
             ppt = task.peers.get(parent.host_id)

@@ -250,3 +250,32 @@ async def test_stream_is_cut_when_a_piece_it_sent_is_unverified(
         # The node itself refetches the piece and completes the blob intact.
         path = await blob_stored(info.node, Digest.parse(digest))
         assert path is not None and path.read_bytes() == data
+
+
+async def test_scheduler_events_over_the_lean_client_keep_one_connection() -> None:
+    """The daemon asks the scheduler through pooled sockets (one or more round trips per
+    piece): answers decode, one connection serves many events, a stale pooled socket is
+    retried on a fresh one, and a refusal keeps its status."""
+    import json
+
+    from scheduler import RegisterHost
+    from scheduler._codec import encode
+    from scheduler.service import serve_scheduler
+
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(serve_scheduler, "127.0.0.1", 0)
+        addr = info.url.removeprefix("http://")
+        conns = PeerConnections()
+        body = json.dumps(encode(RegisterHost("lean", "127.0.0.1:1", "", "t", 4))).encode()
+        for _ in range(5):
+            status, data = await conns.post(addr, "/api/v1/events", body)
+            assert status == 200 and json.loads(data)["type"] == "Ack", data
+        assert len(conns._idle[addr]) == 1  # one socket, reused
+        # The pooled socket dies (as after a scheduler restart): a fresh one is used.
+        await conns._idle[addr][0].aclose()
+        status, data = await conns.post(addr, "/api/v1/events", body)
+        assert status == 200
+        status, data = await conns.post(addr, "/api/v1/events", b"{not json")
+        assert status == 400 and b"errors" in data
+        await conns.aclose()
+        nursery.cancel_scope.cancel()

@@ -221,11 +221,19 @@ def test_configure_logging_json_to_a_stream() -> None:
         configure_logging("info", "json", stream)
         logging.getLogger("p2pdist.x").info("one %d", 1)
         logging.getLogger("p2pdist.x").debug("not shown")
+        logging.getLogger("httpx").info("HTTP Request: not shown below DEBUG")
+        logging.getLogger("httpx").warning("shown")
+        root.setLevel(logging.DEBUG)  # as a SIGHUP to log_level = "debug" does
+        logging.getLogger("httpx").info("HTTP Request: shown at DEBUG")
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     lines = stream.getvalue().splitlines()
-    assert [json.loads(s)["message"] for s in lines] == ["one 1"]
+    assert [json.loads(s)["message"] for s in lines] == [
+        "one 1",
+        "shown",
+        "HTTP Request: shown at DEBUG",
+    ]
     with pytest.raises(UsageError):
         configure_logging("info", "xml")
     with pytest.raises(UsageError):

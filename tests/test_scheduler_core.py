@@ -408,7 +408,10 @@ def test_straggler_record_ends_with_its_fetch() -> None:
     assert len(s.hosts["slow"].failures) == failures
 
 
-def test_straggling_sole_holder_is_waited_for_until_benched() -> None:
+def test_straggling_sole_holder_is_waited_for_until_it_times_out() -> None:
+    # The only holder of a piece that straggles is often merely busy (the seed everyone
+    # asks at the start of a rollout): not penalised, not benched, the host waits.  A
+    # piece timeout ("slow") counts; benched after three, its pieces go to the registry.
     cfg = SchedulerConfig(
         heartbeat_timeout=1e9, slow_penalty=2.0, avoid_after_failures=3, avoid_duration=100.0
     )
@@ -418,16 +421,25 @@ def test_straggling_sole_holder_is_waited_for_until_benched() -> None:
     report_source(s, "slow", list(range(COUNT)))
     first = assign(s, "me", 0.0, n=3).from_peers
     assert len(first) == 2  # max_pieces_per_parent
-    s.handle(ReportPieceFailure("me", D, "slow", first[0].piece, "straggler"), 1.0)
-    # Serving, slowly: not failing, so nothing goes to the registry; the host waits.
+    for p in first:
+        s.handle(ReportPieceFailure("me", D, "slow", p.piece, "straggler"), 1.0)
+    assert s.hosts["slow"].penalised_until < 1.0 and not s.hosts["slow"].failures
+    # Serving, slowly: nothing goes to the registry; other pieces still come from it.
     a = assign(s, "me", 1.0)
-    assert (a.from_peers, a.from_source) == ([], [])
-    s.handle(ReportPieceFailure("me", D, "slow", first[1].piece, "straggler"), 4.0)
-    third = assign(s, "me", 9.0, n=1).from_peers[0]
-    s.handle(ReportPieceFailure("me", D, "slow", third.piece, "straggler"), 9.0)
-    # Benched (three counted): its pieces are leased to the registry now.
-    assert s.hosts["slow"].penalised_until == 109.0
-    b = assign(s, "me", 10.0)
+    assert a.from_source == [] and {p.piece for p in a.from_peers}.isdisjoint(
+        {p.piece for p in first}
+    )
+    # The straggling fetches time out (their reports count), then a fresh one does.
+    s.handle(ReportPieceFailure("me", D, "slow", first[0].piece, "slow"), 2.0)
+    s.handle(ReportPieceFailure("me", D, "slow", first[1].piece, "slow"), 2.0)
+    assert len(s.hosts["slow"].failures) == 2
+    t = 2.0 + 2.0 * 2
+    fresh = assign(s, "me", t, n=1).from_peers
+    assert fresh and fresh[0].parent_id == "slow", fresh
+    s.handle(ReportPieceFailure("me", D, "slow", fresh[0].piece, "slow"), t)
+    # Benched (three piece timeouts): its pieces are leased to the registry now.
+    assert s.hosts["slow"].penalised_until == t + 100.0
+    b = assign(s, "me", t + 1.0)
     assert b.from_peers == [] and b.from_source, b
 
 
@@ -666,6 +678,25 @@ def test_last_peer_leaving_forgets_the_task() -> None:
     s.handle(LeaveTask("a", D), 0.0)
     assert D not in s.tasks
     assert s.handle(Assign("a", D), 0.0) == Unknown("task")
+
+
+def test_a_seed_that_evicted_the_blob_is_no_longer_a_parent() -> None:
+    """A daemon's cache GC evicts a blob and sends LeaveTask: the scheduler stops
+    offering its pieces; with no holder left, a new node goes to the registry."""
+    s = Scheduler(SchedulerConfig(max_pieces_per_parent=COUNT))
+    for h in ("s1", "s2"):
+        join(s, h)
+    seed_with(s, "s1")
+    s.handle(Announce("s2", D, SIZE, PIECE, complete=True), 0.0)
+    assert s.handle(LeaveTask("s1", D), 1.0) == Ack()  # s1 evicted it
+    join(s, "late", 2.0)
+    a = assign(s, "late", 2.0)
+    assert a.from_peers and {p.parent_id for p in a.from_peers} == {"s2"}
+    assert s.handle(LeaveTask("s2", D), 3.0) == Ack()  # and then s2 too
+    s.handle(LeaveTask("late", D), 3.0)
+    join(s, "next", 4.0)
+    a = assign(s, "next", 4.0)
+    assert not a.from_peers and a.from_source
 
 
 # --- property: assignments never break the rules ---------------------------------------------
