@@ -608,10 +608,10 @@ class _Swarm:
             self.inflight.add(pp.piece)
             workers.start_soon(self._from_parent, fetch)
             started += 1
-        for run in _runs([i for i in a.from_source if i not in self.inflight]):
-            run = [i for i in run if not self.task.is_verified(i)]
-            if not run:
-                continue
+        # Runs of what is still missing: a leased range may hold pieces verified since
+        # (resumed after a restart), and a run is fetched as one range, first to last.
+        wanted = [i for i in a.from_source if i not in self.inflight]
+        for run in _runs([i for i in wanted if not self.task.is_verified(i)]):
             await self.slots.acquire()
             self.inflight.update(run)
             workers.start_soon(self._from_source, run)

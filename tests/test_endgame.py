@@ -338,3 +338,19 @@ async def test_a_parent_without_the_pieces_it_announced_is_routed_around(
     if status == 404:  # its claims are gone; hung up, it stays a (penalised) holder
         assert task.peers["liar"].held == 0
     assert took < 5.0, took  # not the stalls of a holder that never serves (~0.05 s here)
+
+
+async def test_a_lease_over_pieces_already_here_fetches_only_the_rest(
+    store: PieceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Resumed after a restart: pieces 1 and 2 are verified, but the scheduler (no parents
+    # here) leases runs that cover them.  Each range asked of the registry must hold only
+    # missing pieces (a run is fetched first to last): 1 and 2 never leave it again.
+    with store.open_task(DIGEST, len(DATA), PIECE) as task:
+        for i in (1, 2):
+            task.write_piece(i, DATA[i * PIECE : (i + 1) * PIECE], HASHES[i])
+    link = LocalLink(scheduler_with(), "me")
+    parents = FakeParents(lambda parent, i: 0.001)
+    _, stats, source, _ = await download(store, link, parents, monkeypatch)
+    assert blob_ok(store)
+    assert source.sent == len(DATA) - 2 * PIECE, (source.sent, stats)
