@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     roll = sub.add_parser(
         "rollout",
-        help="root: N nodes in network namespaces pull one image at once (vs T_min)",
+        help="N nodes pull one image at once, vs T_min (root: network namespaces; "
+        "otherwise p2p on loopback)",
     )
     roll.add_argument("--nodes", type=int, default=8)
     roll.add_argument("--node-mbit", type=float, default=100.0, help="each node link (100)")
@@ -73,7 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     roll.add_argument("--piece-size", default=None, help="default: p2pdist's own")
     roll.add_argument("--mode", choices=["registry", "p2p", "both"], default="both")
     roll.add_argument(
-        "--client", choices=["get", "pull"], default="get", help="get: p2pdist pull --output"
+        "--client",
+        choices=["get", "pull"],
+        default="get",
+        help="get: p2pdist pull --output (default); pull: into a dockerd per node",
+    )
+    roll.add_argument(
+        "--network",
+        choices=["auto", "netns", "loopback"],
+        default="auto",
+        help="netns: namespaces shaped by tc (root); loopback: the daemons' own rate limits "
+        "(p2p mode only); auto: netns as root, else loopback",
     )
     roll.add_argument("--out", default="rollout-out", help="result.json, report.md, charts")
     roll.add_argument("--seed", type=int, default=1)
@@ -183,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             piece_size=args.piece_size,
             mode=args.mode,
             client=args.client,
+            network=args.network,
             out=args.out,
             seed=args.seed,
             queue_ms=args.queue_ms,

@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -210,8 +210,11 @@ class Cluster:
         piece_size: str | None = "1MiB",
         log_level: str = "info",
         daemon_args: Sequence[str] = (),
+        per_daemon_args: Mapping[int, Sequence[str]] | None = None,
         ready_timeout: float = 20.0,
     ) -> None:
+        """``daemon_args`` go to every daemon, ``per_daemon_args[i]`` to daemon ``i`` only
+        (after them: they win where a flag is given twice)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.ready_timeout = ready_timeout
@@ -256,6 +259,7 @@ class Cluster:
                 "off",
                 *(["--piece-size", piece_size] if piece_size else []),
                 *daemon_args,
+                *(per_daemon_args or {}).get(i, ()),
             ]
             self.daemons.append(
                 DaemonProc(

@@ -10,7 +10,8 @@ bytes): ``data/`` (``--data-root``), ``exec/`` (``--exec-root``; dockerd's conta
 listens on ``exec/containerd/containerd.sock``), ``docker.sock``, ``daemon.json``,
 ``dockerd.pid``, ``dockerd.log``.  dockerd runs with ``--storage-driver=vfs
 --iptables=false --bridge=none``, so it needs root but no kernel module and no network
-set-up, and touches nothing outside its directory.
+set-up, and touches nothing outside its directory.  ``cmd_prefix`` starts it inside a
+network namespace (``python -m bench rollout --client pull``: one dockerd per node).
 
 :meth:`Dockerd.stop` kills running containers (dockerd would give each 10 s), sends
 SIGTERM (SIGKILL after a grace period), then makes sure the containerd and any shim that
@@ -62,11 +63,23 @@ class Dockerd:
     * ``socket``: the Engine API's unix socket path (str); ``url``: ``unix://<socket>``;
     * ``containerd_socket``: dockerd's containerd (``ctr -a`` / containerd clients);
     * ``config_path`` (daemon.json), ``log_path``, ``pid``.
+
+    ``cmd_prefix`` runs dockerd (and so its containerd) as ``cmd_prefix + [dockerd, ...]``,
+    e.g. inside a network namespace with ``nsenter --net=/run/netns/NAME`` (not ``ip netns
+    exec``: it remounts ``/sys`` and dockerd then finds no cgroups).  The prefix must exec
+    dockerd (so that ``pid`` is dockerd's); the socket is a file, reachable from anywhere.
     """
 
-    def __init__(self, *, startup_timeout: float = 30.0, stop_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        *,
+        startup_timeout: float = 30.0,
+        stop_timeout: float = 20.0,
+        cmd_prefix: Sequence[str] = (),
+    ) -> None:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
+        self.cmd_prefix = list(cmd_prefix)
         self.root = Path(tempfile.mkdtemp(prefix="p2pd-", dir="/tmp"))
         self.socket = str(self.root / "docker.sock")
         self.url = f"unix://{self.socket}"
@@ -101,6 +114,7 @@ class Dockerd:
         self.cli_config.mkdir()
         self._write_config({"registry-mirrors": list(mirrors)})
         argv = [
+            *self.cmd_prefix,
             "dockerd",
             "--storage-driver=vfs",
             "--iptables=false",

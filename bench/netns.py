@@ -138,6 +138,13 @@ class NetNS:
         execs the command, so the process id is the command's own)."""
         return ["ip", "netns", "exec", self.name]
 
+    @property
+    def net_only_prefix(self) -> list[str]:
+        """Like :attr:`exec_prefix`, but enters the network namespace only: the process
+        keeps the host's mounts (``ip netns exec`` also remounts ``/sys``, which hides
+        the cgroup hierarchies dockerd needs).  ``nsenter`` execs the command too."""
+        return ["nsenter", f"--net={_NETNS_DIR / self.name}"]
+
     def ip(self, *args: str, check: bool = True) -> str:
         return _run(["ip", "-n", self.name, *args], check=check)
 
@@ -306,10 +313,15 @@ class Host:
     def name(self) -> str:
         return f"n{self.index}" if self.role == "node" else self.role
 
+    @property
+    def local_address(self) -> str:
+        """Where the host's own daemon API listens: its namespace's loopback."""
+        return "127.0.0.1"
+
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         return self.ns.call(fn, *args, **kwargs)
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, int] | None:
         return self.ns.counters("eth0")
 
 
@@ -360,6 +372,10 @@ class EmulatedNetwork:
             Host("node", self._ns(f"n{i}"), node_address(i), f"n{i}", self.node_mbit, i)
             for i in range(self.nodes)
         ]
+
+    def daemon_args(self) -> list[str]:
+        """A node daemon's flags for its link: none, tc shapes it."""
+        return []
 
     def _ns(self, role: str) -> NetNS:
         return NetNS(f"{PREFIX}{self.run_id}-{role}")

@@ -24,6 +24,31 @@ One run:
 5. writes ``result.json`` and ``report.md`` (a summary table per mode, per-node tables, and
    SVG step charts of nodes complete over time, with T_min marked).
 
+Without root (or with ``--network loopback``) only ``--mode p2p`` runs, on loopback:
+every node on its own 127.B.1.x address, its link paced by its daemon's own
+``--download-rate``/``--upload-rate``, the registry behind a counting relay at the origin
+rate (:mod:`bench.loopback`).
+
+``--client get`` (the default) is what the steps above describe: ``p2pdist pull --output``
+into an OCI layout, no Docker.  ``--client pull`` is the path a user takes: every node
+also runs a private dockerd (:class:`bench.dockerd.Dockerd`, vfs storage, ``--bridge=none
+--iptables=false``) inside its namespace (``nsenter --net``: ``ip netns exec`` would hide
+the cgroups dockerd needs), started before the clients and not timed, and each client runs
+``p2pdist pull REF --docker-host unix://…/docker.sock`` (through its daemon in p2p mode,
+standalone into a piece store in registry mode).  A node completes when that command exits:
+after its fetch, ``docker load`` of the verified blobs and the tag.  So each figure adds
+that node's load (``docker_load_s`` per node ≈ exit less the fetch time the client prints;
+``dockerd_cpu_seconds`` per mode): dockerd gunzips each layer, hashes it against the
+config's diff id and unpacks it — with vfs, into a full copy of the layers below it (L
+layers of F/L write ≈ F·(L+1)/2 bytes), much dearer than overlay2 on a real node — and
+every node's load lands at the same moment on the same 2 cores.  Verification asks each
+node's dockerd for ``REPO:TAG``: image id = the config digest, RootFS layers = its diff
+ids.  Every dockerd is stopped, and its directory removed, when the mode ends (also on
+failure and Ctrl-C; its log is kept as ``logs/MODE/nI-dockerd.log``).  For the stall
+detector below, a pending node's dockerd using CPU (loading: no bytes on the wire) is
+progress too.  Eight vfs dockerds are heavy for a 2-core machine: keep ``get`` for the
+protocol's figures.
+
 The lower bound, with F the image's blob bytes (config + layers; the manifest is a few
 hundred bytes) and rates in bytes/s::
 
@@ -55,6 +80,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -69,8 +95,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+import httpx
+
+from .dockerd import Dockerd, DockerdError
 from .image import Image, make_image, push_image
 from .localregistry import LocalRegistry
+from .loopback import LoopbackHost, LoopbackNetwork
 from .netns import (
     EmulatedNetwork,
     Host,
@@ -103,6 +133,8 @@ MODES = ("registry", "p2p")
 FRAME_HEAD = 14 + 20 + 32  # Ethernet, IPv4, TCP with timestamps
 STALL_BYTES = 1 << 20  # less than this into the pulling nodes in stall_seconds: stalled
 Mode = Literal["registry", "p2p"]
+Network = EmulatedNetwork | LoopbackNetwork
+AnyHost = Host | LoopbackHost
 
 
 class Refused(RuntimeError):
@@ -386,7 +418,9 @@ def render_report(result: Mapping[str, Any]) -> str:
                 if mr.get("daemon_cpu_seconds") is not None
                 else ""
             )
-            + f", registry's {mr['registry_cpu_seconds']:.1f} s."
+            + f", registry's {mr['registry_cpu_seconds']:.1f} s"
+            + _dockerd_cpu_text(mr)
+            + "."
             + _counters_text(mr.get("network_counters")),
             "",
             "| node | seconds | ÷ T_min | exit | verified | from registry MiB "
@@ -405,22 +439,55 @@ def render_report(result: Mapping[str, Any]) -> str:
             lines += ["", "Problems:", ""] + [f"- {x}" for x in mr["problems"]]
     if "completion.svg" in charts:
         lines += ["", "## every mode", "", "![nodes complete over time](completion.svg)"]
+    if result.get("params", {}).get("network") == "loopback":
+        measured = (
+            "The nodes ran on loopback, each link paced by its daemon's own "
+            "--download-rate/--upload-rate and the origin by a relay in front of the "
+            "registry (a token bucket at the origin rate); registry egress is what that "
+            "relay sent (TCP payload: no frame heads, so T_min itself is the floor); both "
+            "byte columns are the daemon's own account (the nodes have no interfaces)."
+        )
+    else:
+        measured = (
+            "Registry egress is the origin interface's tx_bytes over the same interval "
+            "(frames: TCP/IP/Ethernet heads and retransmissions included); TCP payload is "
+            "that less 66 bytes a frame. In registry mode 'from registry' is the node "
+            "interface's rx bytes; in p2p mode both columns are the daemon's own account. "
+            "tbf shapes whole frames, so ≈ 1.05 × T_min is the practical floor at MTU 1500."
+        )
     lines += [
         "",
         "## how",
         "",
         f"`{result['command']}` — {result['wall_seconds']:.0f} s in all. Times run from the "
         "moment every client was released (after Python start-up) to each client's exit "
-        "after it verified every digest and wrote its OCI layout. Registry egress is the "
-        "origin interface's tx_bytes over the same interval (frames: TCP/IP/Ethernet heads "
-        "and retransmissions included); TCP payload is that less 66 bytes a frame. In "
-        "registry mode "
-        "'from registry' is the node interface's rx bytes; in p2p mode both columns are the "
-        "daemon's own account. tbf shapes whole frames, so ≈ 1.05 × T_min is the practical "
-        "floor at MTU 1500.",
+        + _client_how(p["client"])
+        + " "
+        + measured,
         "",
     ]
     return "\n".join(lines)
+
+
+def _client_how(client: str) -> str:
+    if client == "pull":
+        return (
+            "after it verified every digest and loaded and tagged the image in the node's own "
+            "dockerd (vfs; the load time is part of each figure, see docker_load_s in "
+            "result.json)."
+        )
+    return "after it verified every digest and wrote its OCI layout."
+
+
+def _dockerd_cpu_text(mr: Mapping[str, Any]) -> str:
+    cpu = mr.get("dockerd_cpu_seconds")
+    if cpu is None:
+        return ""
+    loads = [n["docker_load_s"] for n in mr["per_node"] if n.get("docker_load_s") is not None]
+    text = f", the dockerds' {cpu:.1f} s"
+    if loads:
+        text += f" (docker load + tag ≈ {min(loads):.1f}–{max(loads):.1f} s a node)"
+    return text
 
 
 # -- one node's client -------------------------------------------------------------------
@@ -489,7 +556,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _json_in(host: Host, url: str) -> Any:
+def _json_in(host: AnyHost, url: str) -> Any:
     status, body = host.call(_http_get, url, 5.0)
     if status != 200:
         raise RuntimeError(f"GET {url}: HTTP {status}")
@@ -526,9 +593,33 @@ def _proc_cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _net_snapshot(net: EmulatedNetwork) -> dict[str, int]:
+def _origin_counters(net: Network) -> dict[str, int]:
+    counters = net.origin.counters()
+    if counters is None:
+        raise RuntimeError("the origin has no byte counters")
+    return counters
+
+
+def _rx_bytes(host: AnyHost) -> int:
+    """Bytes the host received so far, or -1 where it has no counters of its own."""
+    counters = host.counters()
+    return -1 if counters is None else counters["rx_bytes"]
+
+
+def _popen(net: Network, host: AnyHost, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
+    """``net.popen`` for either kind of network."""
+    if isinstance(net, EmulatedNetwork):
+        assert isinstance(host, Host)
+        return net.popen(host, argv, **kw)
+    return net.popen(host, argv, **kw)
+
+
+def _net_snapshot(net: Network) -> dict[str, int]:
     """Counters that explain the bytes: the origin's TCP segments and retransmissions,
-    and the drops of every tbf (a full queue drops; TCP then sends the bytes again)."""
+    and the drops of every tbf (a full queue drops; TCP then sends the bytes again).
+    None on loopback (no queues)."""
+    if isinstance(net, LoopbackNetwork):
+        return {}
     tcp = net.origin.ns.tcp_stats()
     snap = {
         "origin_tcp_out_segs": tcp.get("OutSegs", 0),
@@ -582,17 +673,134 @@ def verify_layout(root: Path, image: Image) -> str | None:
     return None
 
 
+# -- --client pull: a dockerd per node -------------------------------------------------
+
+CLIENTS = ("get", "pull")
+_PULL_TOOLS = {"dockerd": "docker.io", "containerd": "containerd", "nsenter": "util-linux"}
+_LOADED_RE = re.compile(r"loaded \S+ into Docker: .* verified in ([0-9.]+)s")
+
+
+def client_refusal(client: str) -> str | None:
+    """One line saying why ``--client CLIENT`` cannot run here, or None (``pull`` starts a
+    dockerd in every node: root, dockerd and its containerd, nsenter)."""
+    if client not in CLIENTS:
+        return f"--client {client}: not one of {', '.join(CLIENTS)}"
+    if client == "get":
+        return None
+    if os.geteuid() != 0:
+        return "--client pull starts a dockerd in every node: needs root (run it with sudo)"
+    missing = [tool for tool in _PULL_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pkgs = " ".join(sorted({_PULL_TOOLS[t] for t in missing}))
+        return (
+            f"--client pull starts a dockerd in every node: missing {', '.join(missing)}: "
+            f"apt-get install -y {pkgs}"
+        )
+    return None
+
+
+def inspect_docker_image(d: Dockerd | None, name: str) -> dict[str, Any] | str:
+    """``GET /images/NAME/json`` on dockerd ``d``: the image's record, or what went wrong."""
+    if d is None:
+        return "no dockerd"
+    try:
+        r = d.api("GET", f"/images/{name}/json")
+        if r.status_code == 404:
+            return f"dockerd has no image {name}"
+        if r.status_code != 200:
+            return f"dockerd: GET /images/{name}/json: HTTP {r.status_code}"
+        info = r.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return f"dockerd: GET /images/{name}/json: {exc!r}"
+    return info if isinstance(info, dict) else f"dockerd: GET /images/{name}/json: {info!r}"
+
+
+def docker_image_problem(info: Mapping[str, Any] | str, image: Image, name: str) -> str | None:
+    """None when dockerd's record of ``name`` (``REPO:TAG``, see :func:`inspect_docker_image`)
+    is ``image``: the image id is the config digest, it is tagged ``name``, and its RootFS
+    layers are the config's diff ids in order (docker load checked each layer's
+    uncompressed sha256 against them); else what is wrong."""
+    if isinstance(info, str):
+        return info
+    image_id = info.get("Id")
+    tags = info.get("RepoTags") or []
+    layers = (info.get("RootFS") or {}).get("Layers") or []
+    if image_id != image.config_digest:
+        return f"{name} is image {image_id}, want {image.config_digest}"
+    if name not in tags:
+        return f"image {str(image_id)[:19]}… is not tagged {name} (tags: {tags})"
+    if layers != image.diff_ids:
+        return f"the image has {len(layers)} layers (diff ids), want {len(image.diff_ids)}"
+    return None
+
+
+def _start_dockerds(nodes: Sequence[_Node], log_dir: Path) -> None:
+    """A private dockerd inside each node's namespace (one after the other: each start
+    is a burst of CPU); a failure is one line, the dockerd's log kept in ``log_dir``."""
+    for n in nodes:
+        assert isinstance(n.host, Host), "a dockerd per node needs network namespaces"
+        try:
+            n.dockerd = Dockerd.start(
+                cmd_prefix=n.host.ns.net_only_prefix, startup_timeout=60.0, stop_timeout=10.0
+            )
+        except DockerdError as exc:
+            log = log_dir / f"n{n.index}-dockerd.log"
+            log.write_text(str(exc) + "\n")
+            first = str(exc).splitlines()[0].removesuffix(" its log:").rstrip(";")
+            raise RuntimeError(f"dockerd n{n.index} did not start: {first} ({log})") from None
+
+
+def _stop_dockerds(nodes: Sequence[_Node], log_dir: Path, say: Callable[[str], None]) -> None:
+    """Stop every node's dockerd and remove its directory (its log copied to ``log_dir``
+    first); all of them, even when one fails (what is left in a namespace dies with it)."""
+    for n in nodes:
+        d, n.dockerd = n.dockerd, None
+        if d is None:
+            continue
+        with contextlib.suppress(OSError):
+            shutil.copyfile(d.log_path, log_dir / f"n{n.index}-dockerd.log")
+        try:
+            d.stop()
+        except (OSError, subprocess.SubprocessError) as exc:
+            say(f"clean-up: dockerd n{n.index}: {exc}")
+
+
+def _dockerd_cpu_seconds(nodes: Sequence[_Node]) -> float:
+    """CPU seconds of every node's dockerd and of the children it waited for (each layer
+    is unpacked by a re-executed ``docker-applyLayer`` child); containerd plays no part in
+    a load."""
+    total = 0.0
+    for n in nodes:
+        if n.dockerd is None or n.dockerd.pid is None:
+            continue
+        try:
+            stat = Path(f"/proc/{n.dockerd.pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _fetch_seconds(client_log: str) -> float | None:
+    """The seconds ``p2pdist pull`` says its fetch took (manifest to every blob verified,
+    before ``docker load``), from its last line; None when it did not get that far."""
+    found = _LOADED_RE.findall(client_log)
+    return float(found[-1]) if found else None
+
+
 # -- one mode --------------------------------------------------------------------------
 
 
 @dataclass
 class _Node:
     index: int
-    host: Host
+    host: AnyHost
     root: Path
     log_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     daemon: subprocess.Popen[bytes] | None = None
+    dockerd: Dockerd | None = None  # --client pull: this node's private dockerd
     exited_at: float | None = None
     logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -627,7 +835,7 @@ class _Node:
 
 @dataclass
 class _Setup:
-    net: EmulatedNetwork
+    net: Network
     image: Image
     registry: LocalRegistry
     nodes: int
@@ -639,6 +847,7 @@ class _Setup:
     stall_s: float
     registry_concurrency: int
     say: Callable[[str], None]
+    client: str = "get"
 
 
 def _wait(cond: Callable[[], Any], timeout: float, what: str) -> None:
@@ -653,7 +862,8 @@ def _start_swarm(s: _Setup, nodes: list[_Node], log_dir: Path) -> subprocess.Pop
     net = s.net
     sched_url = f"http://{net.scheduler.address}:{SCHEDULER_PORT}"
     with open(log_dir / "scheduler.log", "ab") as log:
-        scheduler = net.popen(
+        scheduler = _popen(
+            net,
             net.scheduler,
             [PYTHON, "-m", "p2pdist", "scheduler", "--listen",
              f"{net.scheduler.address}:{SCHEDULER_PORT}", "--log-level", "info"],
@@ -671,17 +881,18 @@ def _start_swarm(s: _Setup, nodes: list[_Node], log_dir: Path) -> subprocess.Pop
             PYTHON, "-m", "p2pdist", "daemon", "--config", str(n.config),
             "--data-dir", str(n.root / "store"), "--scheduler", sched_url,
             "--peer-listen", addr, "--advertise", addr,
-            "--api-listen", f"127.0.0.1:{API_PORT}", "--proxy-listen", "off",
+            "--api-listen", f"{n.host.local_address}:{API_PORT}", "--proxy-listen", "off",
             "--host-id", f"n{n.index}", "--log-level", "info",
             *(["--piece-size", s.piece_size] if s.piece_size else []),
+            *net.daemon_args(),
         ]  # fmt: skip
-        n.daemon = net.popen(n.host, argv, log=n.log("daemon"), env=_clean_env(n.root / "home"))
+        n.daemon = _popen(net, n.host, argv, log=n.log("daemon"), env=_clean_env(n.root / "home"))
 
     def ready(n: _Node) -> bool:
         assert n.daemon is not None
         if n.daemon.poll() is not None:
             raise RuntimeError(f"daemon n{n.index} exited early: {n.log_tail('daemon')}")
-        return n.host.call(_healthy, f"http://127.0.0.1:{API_PORT}") and n.host.call(
+        return n.host.call(_healthy, f"http://{n.host.local_address}:{API_PORT}") and n.host.call(
             _healthy, f"http://{n.host.address}:{PEER_PORT}"
         )
 
@@ -726,28 +937,40 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
     problems: list[str] = []
     scheduler: subprocess.Popen[bytes] | None = None
     setup_started = time.monotonic()
+    docker_images: list[dict[str, Any] | str] = []
     try:
+        if s.client == "pull":
+            say(f"{mode}: starting {len(nodes)} dockerds (vfs), one in each node")
+            _start_dockerds(nodes, log_dir)
         if mode == "p2p":
             say(f"{mode}: starting the scheduler and {len(nodes)} daemons")
             scheduler = _start_swarm(s, nodes, log_dir)
         ref = f"{registry_host}/{REPO}:{TAG}"
         for n in nodes:
-            pull = ["pull", ref, "--output", str(n.layout), "--config", str(n.config),
-                    "--no-progress"]  # fmt: skip
+            env = _clean_env(n.root / "home")
+            if n.dockerd is not None:
+                # into the node's dockerd; spooled blobs (p2p mode) in the node's directory
+                (n.root / "tmp").mkdir()
+                env["TMPDIR"] = str(n.root / "tmp")
+                target = ["--docker-host", n.dockerd.url]
+            else:
+                target = ["--output", str(n.layout)]
+            pull = ["pull", ref, *target, "--config", str(n.config), "--no-progress"]
             if mode == "p2p":
-                pull += ["--daemon", f"http://127.0.0.1:{API_PORT}"]
+                pull += ["--daemon", f"http://{n.host.local_address}:{API_PORT}"]
             else:
                 pull += ["--data-dir", str(n.root / "store")]
                 pull += ["--concurrency", str(s.registry_concurrency)]
                 if s.piece_size:
                     pull += ["--piece-size", s.piece_size]
             argv = [PYTHON, "-c", _CLIENT_BOOT, str(n.ready_file), str(n.done_file), *pull]
-            n.proc = net.popen(
+            n.proc = _popen(
+                net,
                 n.host,
                 argv,
                 log=n.log("client"),
                 stdin=subprocess.PIPE,
-                env=_clean_env(n.root / "home"),
+                env=env,
             )
 
         def all_ready() -> bool:
@@ -763,11 +986,12 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
             f"{mode}: {len(nodes)} clients ready ({setup_seconds:.1f}s); go "
             f"(T_min {s.bound:.1f}s, giving up after {s.deadline_s:.0f}s)"
         )
-        origin_before = net.origin.counters()
+        origin_before = _origin_counters(net)
         snap_before = _net_snapshot(net)
         node_before = [n.host.counters() for n in nodes]
         cpu_before = _cpu_times()
         reg_cpu_before = _proc_cpu_seconds(s.registry.pid)
+        dockerd_cpu_before = _dockerd_cpu_seconds(nodes)
         t0 = time.monotonic()
         for n in nodes:
             assert n.proc is not None and n.proc.stdin is not None
@@ -777,6 +1001,7 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
         pending = list(nodes)
         last_report = last_sample = last_moved = t0
         moved = -STALL_BYTES
+        loading = 0.0  # --client pull: CPU seconds of the pending nodes' dockerds
         stalled = False
         while pending and time.monotonic() < deadline:
             for n in list(pending):
@@ -789,9 +1014,19 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
                 # A stall detector: bytes into the nodes still pulling (a trickle of
                 # heartbeats is not progress).
                 last_sample = now
-                total = sum(n.host.counters()["rx_bytes"] for n in pending)
-                if total >= moved + STALL_BYTES or total < moved:
-                    moved, last_moved = total, now
+                total = sum(_rx_bytes(n.host) for n in pending)
+                # --client pull: a dockerd loading the image (no bytes on the wire) is
+                # progress too
+                busy = _dockerd_cpu_seconds(pending) if s.client == "pull" else 0.0
+                if total < 0:
+                    pass  # on loopback nodes have no counters: the deadline alone applies
+                elif (
+                    total >= moved + STALL_BYTES
+                    or total < moved
+                    or busy >= loading + 0.5
+                    or busy < loading
+                ):
+                    moved, last_moved, loading = total, now, busy
                 elif now - last_moved > s.stall_s:
                     stalled = True
                     break
@@ -801,11 +1036,14 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
                     f"{last_report - t0:.0f}s")  # fmt: skip
             time.sleep(0.01)
         t_end = time.monotonic()
-        origin_after = net.origin.counters()
+        origin_after = _origin_counters(net)
         snap_after = _net_snapshot(net)
         node_after = [n.host.counters() for n in nodes]
         cpu_after = _cpu_times()
         reg_cpu = _proc_cpu_seconds(s.registry.pid) - reg_cpu_before
+        dockerd_cpu = (
+            _dockerd_cpu_seconds(nodes) - dockerd_cpu_before if s.client == "pull" else None
+        )
         for n in pending:
             why = (
                 f"stalled: no byte reached a pulling node for {s.stall_s:.0f}s"
@@ -825,7 +1063,8 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
                 try:
                     for digest in digests:
                         st = _json_in(
-                            n.host, f"http://127.0.0.1:{API_PORT}/api/v1/blobs/{digest}/stats"
+                            n.host,
+                            f"http://{n.host.local_address}:{API_PORT}/api/v1/blobs/{digest}/stats",
                         )
                         for key in totals:
                             totals[key] += int(st.get(key) or 0)
@@ -839,17 +1078,27 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
                 )
             daemon_cpu = sum(_proc_cpu_seconds(n.daemon.pid if n.daemon else None) for n in nodes)
             sched_cpu = _proc_cpu_seconds(scheduler.pid if scheduler else None)
+        if s.client == "pull":
+            say(f"{mode}: asking every node's dockerd for the image")
+            name = f"{registry_host}/{REPO}:{TAG}"
+            docker_images = [inspect_docker_image(n.dockerd, name) for n in nodes]
     finally:
         _stop([n.proc for n in nodes], grace=2)
         _stop([n.daemon for n in nodes], grace=5)
         _stop([scheduler], grace=5)
+        _stop_dockerds(nodes, log_dir, say)
         for n in nodes:
             for f in n.logs:
                 f.close()
 
-    say(f"{mode}: verifying every node's layout")
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        verdicts = list(pool.map(lambda n: verify_layout(n.layout, s.image), nodes))
+    docker_ids = [info.get("Id") if isinstance(info, dict) else None for info in docker_images]
+    if s.client == "pull":
+        name = f"{registry_host}/{REPO}:{TAG}"
+        verdicts = [docker_image_problem(info, s.image, name) for info in docker_images]
+    else:
+        say(f"{mode}: verifying every node's layout")
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+            verdicts = list(pool.map(lambda n: verify_layout(n.layout, s.image), nodes))
     per_node: list[dict[str, Any]] = []
     node_times: list[float | None] = []
     client_cpu = 0.0
@@ -874,10 +1123,15 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
         elif problem:
             problems.append(f"n{n.index}: {problem}")
         ok = rc == 0 and verdicts[i] is None
-        rx = node_after[i]["rx_bytes"] - node_before[i]["rx_bytes"]
-        tx = node_after[i]["tx_bytes"] - node_before[i]["tx_bytes"]
+        after, before = node_after[i], node_before[i]
+        rx = after["rx_bytes"] - before["rx_bytes"] if after and before else None
+        tx = after["tx_bytes"] - before["tx_bytes"] if after and before else None
         st = stats[i]
         node_times.append(seconds if ok else None)
+        load_s: float | None = None  # --client pull: exit less the fetch ≈ docker load + tag
+        fetch_s = _fetch_seconds(n.log_tail("client", 4000)) if s.client == "pull" else None
+        if ok and fetch_s is not None and "go" in done and "end" in done:
+            load_s = round(max(0.0, float(done["end"]) - float(done["go"]) - fetch_s), 1)
         per_node.append(
             {
                 "node": n.index,
@@ -892,6 +1146,11 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
                 "from_registry": st["from_source"] if st else (rx if mode == "registry" else None),
                 "from_peers": st["from_peers"] if st else (0 if mode == "registry" else None),
                 "peer_wire_bytes": st["peer_wire"] if st else None,
+                **(
+                    {"docker_image_id": docker_ids[i], "docker_load_s": load_s}
+                    if s.client == "pull"
+                    else {}
+                ),
             }
         )
     egress = origin_after["tx_bytes"] - origin_before["tx_bytes"]
@@ -903,6 +1162,7 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
     times = summarize_times(node_times, s.bound)
     result = {
         "mode": mode,
+        "client": s.client,
         "ok": not problems and times["failed"] == 0,
         "times": times,
         "registry_egress_bytes": egress,
@@ -923,6 +1183,7 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
         "daemon_cpu_seconds": None if daemon_cpu is None else round(daemon_cpu, 2),
         "scheduler_cpu_seconds": None if sched_cpu is None else round(sched_cpu, 2),
         "registry_cpu_seconds": round(reg_cpu, 2),
+        "dockerd_cpu_seconds": None if dockerd_cpu is None else round(dockerd_cpu, 2),
         "scheduler_stats": sched_stats,
         "per_node": per_node,
         "problems": problems,
@@ -951,6 +1212,41 @@ def _link_check(net: EmulatedNetwork, node_mbit: float, origin_mbit: float) -> d
     return {k: round(v, 2) for k, v in out.items()}
 
 
+def _start_origin(
+    net: EmulatedNetwork,
+    image: Image,
+    result: dict[str, Any],
+    queue_ms: float,
+    echo: Callable[[str], None],
+) -> LocalRegistry:
+    """The registry inside the origin namespace, the image pushed to it."""
+    rate, burst, latency = tbf_params(net.node_mbit, latency_ms=queue_ms)
+    result["network"] = {
+        "kind": "netns",
+        "tbf": {
+            "node": [rate, burst, latency],
+            "origin": list(tbf_params(net.origin_mbit, latency_ms=queue_ms)),
+        },
+        "mtu": net.mtu,
+        "queue_ms": net.latency_ms,
+        "tcp_congestion_control": net.origin.ns.sysctl("net.ipv4.tcp_congestion_control"),
+        "namespaces": f"{net.bridge.name.removesuffix('-br')}-*",
+    }
+    origin = net.origin
+    registry = LocalRegistry(
+        addr=origin.address,
+        port=REGISTRY_PORT,
+        cmd_prefix=origin.ns.exec_prefix,
+        probe=lambda url: origin.call(_answers, f"{url}/v2/"),
+    )
+    registry.start()
+    t = time.monotonic()
+    origin.call(push_image, registry.url, REPO, TAG, image)
+    echo(f"rollout: pushed {image.blobs_size / MIB:.1f} MiB to {registry.url} inside the "
+         f"origin namespace ({time.monotonic() - t:.1f}s)")  # fmt: skip
+    return registry
+
+
 def run_rollout(
     *,
     nodes: int,
@@ -962,6 +1258,7 @@ def run_rollout(
     piece_size: str | None = None,
     mode: Literal["registry", "p2p", "both"] = "both",
     client: str = "get",
+    network: Literal["auto", "netns", "loopback"] = "auto",
     out: Path,
     seed: int = 1,
     queue_ms: float = 20.0,
@@ -979,16 +1276,33 @@ def run_rollout(
         if say is not None:
             say(text)
 
-    if client != "get":
-        raise Refused(f"--client {client} (into a dockerd per node) is not supported yet: "
-                      "use --client get")  # fmt: skip
+    reason = client_refusal(client)
+    if reason:
+        raise Refused(reason)
     if nodes < 1 or layers < 1 or image_size < 1:
         raise Refused("--nodes, --layers and --image-size must be positive")
     if node_mbit <= 0 or origin_mbit <= 0:
         raise Refused("--node-mbit and --origin-mbit must be positive")
-    reason = preflight()
-    if reason:
-        raise Refused(reason)
+    if network == "auto":
+        network = "netns" if os.geteuid() == 0 else "loopback"
+    if network == "loopback":
+        if client != "get":
+            raise Refused(
+                f"--client {client} starts a dockerd inside each node's network namespace: "
+                "not with --network loopback"
+            )
+        if mode != "p2p":
+            raise Refused(
+                f"--mode {mode} needs root (registry mode needs tc to shape each node's "
+                "link); without root (or with --network loopback) only --mode p2p runs"
+            )
+        if shutil.which("docker-registry") is None:
+            raise Refused("docker-registry not found: apt-get install docker-registry")
+        tcp_cc = None
+    else:
+        reason = preflight()
+        if reason:
+            raise Refused(reason)
     if tcp_cc:
         allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split()
         if tcp_cc not in allowed:
@@ -1014,7 +1328,6 @@ def run_rollout(
         "node_download": F / node_bps,
         "upload_capacity": nodes * F / (origin_bps + nodes * node_bps),
     }
-    rate, burst, latency = tbf_params(node_mbit, latency_ms=queue_ms)
     result: dict[str, Any] = {
         "benchmark": "rollout",
         "command": command or f"python -m bench rollout --nodes {nodes} ...",
@@ -1028,6 +1341,7 @@ def run_rollout(
             "piece_size": piece_size,
             "mode": mode,
             "client": client,
+            "network": network,
             "seed": seed,
             "queue_ms": queue_ms,
             "tcp_cc": tcp_cc,
@@ -1059,35 +1373,33 @@ def run_rollout(
     work = Path(tempfile.mkdtemp(prefix=f"p2pdist-rollout-{os.getpid()}-"))
     registry: LocalRegistry | None = None
     try:
-        with EmulatedNetwork(
-            nodes, node_mbit, origin_mbit, latency_ms=queue_ms, tcp_cc=tcp_cc, say=echo
-        ) as net:
-            result["network"] = {
-                "tbf": {
-                    "node": [rate, burst, latency],
-                    "origin": list(tbf_params(origin_mbit, latency_ms=queue_ms)),
-                },
-                "mtu": net.mtu,
-                "queue_ms": net.latency_ms,
-                "tcp_congestion_control": net.origin.ns.sysctl("net.ipv4.tcp_congestion_control"),
-                "namespaces": f"{net.bridge.name.removesuffix('-br')}-*",
-            }
-            origin = net.origin
-            registry = LocalRegistry(
-                addr=origin.address,
-                port=REGISTRY_PORT,
-                cmd_prefix=origin.ns.exec_prefix,
-                probe=lambda url: origin.call(_answers, f"{url}/v2/"),
-            )
-            registry.start()
-            t = time.monotonic()
-            origin.call(push_image, registry.url, REPO, TAG, image)
-            echo(f"rollout: pushed {F / MIB:.1f} MiB to {registry.url} inside the origin "
-                 f"namespace ({time.monotonic() - t:.1f}s)")  # fmt: skip
-            check = _link_check(net, node_mbit, origin_mbit)
-            result["network"]["link_check"] = check
-            echo("rollout: link check (one TCP stream): "
-                 + ", ".join(f"{k} {v:.1f}" for k, v in check.items()))  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            net: Network
+            if network == "loopback":
+                net = stack.enter_context(
+                    LoopbackNetwork(nodes, node_mbit, origin_mbit, REGISTRY_PORT, say=echo)
+                )
+                result["network"] = {
+                    "kind": "loopback",
+                    "shaping": "daemons' --download-rate/--upload-rate; a relay at the "
+                    "origin rate in front of the registry",
+                }
+                registry = LocalRegistry()
+                registry.start()
+                net.shape_origin((registry.addr, registry.port))
+                result["image"]["reference"] = f"{net.origin.address}:{REGISTRY_PORT}/{REPO}:{TAG}"
+                push_image(registry.url, REPO, TAG, image)
+            else:
+                net = stack.enter_context(
+                    EmulatedNetwork(
+                        nodes, node_mbit, origin_mbit, latency_ms=queue_ms, tcp_cc=tcp_cc, say=echo
+                    )
+                )
+                registry = _start_origin(net, image, result, queue_ms, echo)
+                check = _link_check(net, node_mbit, origin_mbit)
+                result["network"]["link_check"] = check
+                echo("rollout: link check (one TCP stream): "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in check.items()))  # fmt: skip
             setup = _Setup(
                 net=net,
                 image=image,
@@ -1101,6 +1413,7 @@ def run_rollout(
                 stall_s=stall_seconds,
                 registry_concurrency=registry_concurrency,
                 say=echo,
+                client=client,
             )
             for m in modes:
                 t = time.monotonic()
@@ -1142,6 +1455,7 @@ def rollout_cli(
     client: str,
     out: str,
     seed: int,
+    network: str = "auto",
     queue_ms: float = 20.0,
     tcp_cc: str | None = "reno",
     registry_concurrency: int = 1,
@@ -1179,6 +1493,11 @@ def rollout_cli(
             piece_size=piece_size,
             mode=mode if mode in ("registry", "p2p") else "both",  # type: ignore[arg-type]
             client=client,
+            network="netns"
+            if network == "netns"
+            else "loopback"
+            if network == "loopback"
+            else "auto",
             out=Path(out),
             seed=seed,
             queue_ms=queue_ms,

@@ -1,6 +1,6 @@
 """p2pdist: peer-to-peer distribution of container image blobs, sha256-verified per piece."""
 
-from .config import NodeConfig, RegistryConfig, load_node_config, parse_size
+from .config import NodeConfig, RegistryConfig, load_node_config, parse_duration, parse_size
 from .digest import Digest, sha256_digest
 from .errors import (
     ConfigError,
@@ -15,6 +15,7 @@ from .errors import (
     P2PDistError,
     PieceMismatch,
     PlanConflict,
+    PreheatFailed,
     RegistryError,
     StoreError,
     StoreFull,
@@ -24,6 +25,7 @@ from .errors import (
     UsageError,
     VerificationError,
 )
+from .gc import CacheEntry, Eviction, GCPlan, GCPolicy, plan_gc
 from .pieces import DEFAULT_PIECE_SIZE, PiecePlan, piece_size_for
 from .reference import Reference, parse_reference
 
@@ -31,11 +33,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_PIECE_SIZE",
+    "CacheEntry",
     "ConfigError",
     "Digest",
     "DigestMismatch",
     "DockerError",
+    "Eviction",
     "Forbidden",
+    "GCPlan",
+    "GCPolicy",
     "InvalidDigest",
     "InvalidReference",
     "ManifestInvalid",
@@ -46,6 +52,7 @@ __all__ = [
     "PieceMismatch",
     "PiecePlan",
     "PlanConflict",
+    "PreheatFailed",
     "Reference",
     "RegistryConfig",
     "RegistryError",
@@ -58,8 +65,10 @@ __all__ = [
     "VerificationError",
     "__version__",
     "load_node_config",
+    "parse_duration",
     "parse_reference",
     "parse_size",
     "piece_size_for",
+    "plan_gc",
     "sha256_digest",
 ]

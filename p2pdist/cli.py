@@ -82,6 +82,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"expected more than 0 and at most 100, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < 10**7:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _add_fetch_flags(parser: argparse.ArgumentParser, *, progress: str) -> None:
     """The flags ``get`` and ``pull`` share: how to fetch, where to keep pieces, output."""
     parser.add_argument("--piece-size", help="piece size, e.g. 4MiB (default from config)")
@@ -158,6 +178,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_fetch_flags(pull, progress="no per-layer progress lines")
 
+    preheat = sub.add_parser(
+        "preheat",
+        help="warm an image on chosen nodes before a rollout (through the scheduler)",
+        description="Ask the scheduler to have one node (default), --nodes N, --percent P or "
+        "--all of the nodes fetch every blob of IMAGE into their stores through the swarm; "
+        "print progress until every chosen node holds every blob, verified.",
+    )
+    preheat.add_argument("image", help="[REGISTRY/]REPO[:TAG|@DIGEST]")
+    preheat.add_argument(
+        "--scheduler",
+        default=os.environ.get("P2PDIST_SCHEDULER"),
+        metavar="URL",
+        help="scheduler URL (default $P2PDIST_SCHEDULER, else the config's first scheduler)",
+    )
+    which = preheat.add_mutually_exclusive_group()
+    which.add_argument("--nodes", type=_positive, metavar="N", help="this many nodes")
+    which.add_argument(
+        "--percent", type=_percent, metavar="P", help="this percentage of the nodes (0-100]"
+    )
+    which.add_argument("--all", action="store_true", help="every registered node")
+    preheat.add_argument(
+        "--platform", type=_platform, help="os/arch[/variant] to pick from an index"
+    )
+    preheat.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up after this many seconds (600)",
+    )
+    preheat.add_argument(
+        "--interval",
+        type=_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between progress polls (1)",
+    )
+    preheat.add_argument("--config", help="config file (TOML)")
+    preheat.add_argument(
+        "--cluster-token-file", help="file holding the cluster's shared token (cluster auth)"
+    )
+    preheat.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+
     daemon = sub.add_parser(
         "daemon",
         help="run the node daemon (peer server, local API, registry proxy, scheduler link)",
@@ -192,7 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--download-rate", help="receive at most this, e.g. 100Mbit or 12MiB/s")
     daemon.add_argument("--upload-rate", help="send to peers at most this, e.g. 100Mbit")
     daemon.add_argument("--source-rate", help="fetch from registries at most this, e.g. 50Mbit")
-    daemon.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    daemon.add_argument("--cache-ttl", help="evict blobs unused this long, e.g. 24h ('off')")
+    daemon.add_argument("--cache-quota", help="disk quota of the blob cache, e.g. 20GiB ('off')")
+    daemon.add_argument(
+        "--cache-high-watermark", help="evict LRU blobs above this fraction of the quota (0.9)"
+    )
+    daemon.add_argument(
+        "--cache-low-watermark", help="... down to this fraction of the quota (0.8)"
+    )
+    daemon.add_argument("--gc-interval", help="seconds between cache GC passes, e.g. 60s")
+    daemon.add_argument(
+        "--log-level", help="debug, info, warning, error (default: the config's, else info)"
+    )
+    daemon.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text or JSON objects (default: config log_format, "
+        "$P2PDIST_LOG_FORMAT, else text)",
+    )
 
     setup = sub.add_parser(
         "setup",
@@ -250,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--listen", help="HOST:PORT (0.0.0.0:65004)")
     sched.add_argument("--log-level", default="info", help="debug, info, warning, error")
     sched.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("P2PDIST_LOG_FORMAT") or "text",
+        help="log lines as text or JSON objects (default $P2PDIST_LOG_FORMAT, else text)",
+    )
+    sched.add_argument(
         "--cluster-token-file",
         help="file holding the cluster's shared token: events must carry it "
         "(also $P2PDIST_CLUSTER_TOKEN_FILE, $P2PDIST_CLUSTER_TOKEN)",
@@ -301,6 +387,37 @@ def _run_pull(args: argparse.Namespace) -> None:
     _run_interruptibly(pull)
 
 
+def _run_preheat(args: argparse.Namespace) -> None:
+    from .preheat import PreheatRequest, run_preheat
+
+    config = load_node_config(
+        args.config, overrides={"cluster_token_file": args.cluster_token_file}
+    )
+    scheduler = args.scheduler or (config.schedulers[0] if config.schedulers else None)
+    if not scheduler:
+        raise UsageError(
+            "no scheduler: give --scheduler URL (or $P2PDIST_SCHEDULER, or schedulers in the "
+            "config)"
+        )
+    request = PreheatRequest(
+        image=args.image,
+        scheduler=scheduler,
+        nodes=args.nodes,
+        percent=args.percent,
+        all=args.all,
+        platform=args.platform,
+        timeout=args.timeout,
+        interval=args.interval,
+        quiet=args.quiet,
+        token=config.cluster_token,
+    )
+
+    async def preheat() -> None:
+        await run_preheat(request)
+
+    _run_interruptibly(preheat)
+
+
 def _run_interruptibly(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
     """``trio.run(fn, *args)``, where Ctrl-C cancels everything promptly (also tasks
     waiting in a nursery, which trio's own KeyboardInterrupt delivery can only reach at the
@@ -331,42 +448,50 @@ def _run_interruptibly(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         raise KeyboardInterrupt
 
 
-def _logging(level: str) -> None:
+def _logging(level: str, fmt: str) -> None:
     import logging
 
-    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise UsageError(f"invalid --log-level {level!r}")
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from .logs import configure_logging
+
+    configure_logging(level, fmt)  # UsageError for a bad level or format
+    logging.captureWarnings(True)  # Python's warnings become log lines too
 
 
 def _run_daemon(args: argparse.Namespace) -> None:
     from .daemon import run_daemon
 
-    _logging(args.log_level)
-    config = load_node_config(
-        args.config,
-        overrides={
-            "data_dir": args.data_dir,
-            "schedulers": args.schedulers,
-            "peer_listen": args.peer_listen,
-            "advertise": args.advertise,
-            "api_listen": args.api_listen,
-            "proxy_listen": args.proxy_listen,
-            "upstream": args.upstream,
-            "host_id": args.host_id,
-            "zone": args.zone,
-            "piece_size": args.piece_size,
-            "concurrency": args.concurrency,
-            "upload_slots": args.upload_slots,
-            "download_rate": args.download_rate,
-            "upload_rate": args.upload_rate,
-            "source_rate": args.source_rate,
-            "cluster_token_file": args.cluster_token_file,
-        },
-    )
-    trio.run(run_daemon, config)
+    overrides = {
+        "data_dir": args.data_dir,
+        "schedulers": args.schedulers,
+        "peer_listen": args.peer_listen,
+        "advertise": args.advertise,
+        "api_listen": args.api_listen,
+        "proxy_listen": args.proxy_listen,
+        "upstream": args.upstream,
+        "host_id": args.host_id,
+        "zone": args.zone,
+        "piece_size": args.piece_size,
+        "concurrency": args.concurrency,
+        "upload_slots": args.upload_slots,
+        "download_rate": args.download_rate,
+        "upload_rate": args.upload_rate,
+        "source_rate": args.source_rate,
+        "cluster_token_file": args.cluster_token_file,
+        "cache_ttl": args.cache_ttl,
+        "cache_quota": args.cache_quota,
+        "cache_high_watermark": args.cache_high_watermark,
+        "cache_low_watermark": args.cache_low_watermark,
+        "gc_interval": args.gc_interval,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+
+    def reload() -> NodeConfig:  # SIGHUP: the file again, under the same env and flags
+        return load_node_config(args.config, overrides=overrides)
+
+    config = reload()
+    _logging(config.log_level or "info", config.log_format)
+    trio.run(run_daemon, config, reload)
 
 
 def _run_setup(args: argparse.Namespace) -> None:
@@ -429,7 +554,9 @@ def _run_scheduler(args: argparse.Namespace) -> None:
 
     from .config import split_hostport
 
-    _logging(args.log_level)
+    if args.log_format not in ("text", "json"):  # from $P2PDIST_LOG_FORMAT
+        raise UsageError(f"invalid log format {args.log_format!r}: expected text or json")
+    _logging(args.log_level, args.log_format)
     config = load_scheduler_config(
         args.config,
         overrides={"listen": args.listen, "cluster_token_file": args.cluster_token_file},
@@ -446,6 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_get(args)
         elif args.command == "pull":
             _run_pull(args)
+        elif args.command == "preheat":
+            _run_preheat(args)
         elif args.command == "daemon":
             _run_daemon(args)
         elif args.command == "scheduler":

@@ -40,6 +40,7 @@ __all__ = [
     "default_data_dir",
     "is_loopback_host",
     "load_node_config",
+    "parse_duration",
     "parse_rate",
     "parse_size",
     "split_hostport",
@@ -102,6 +103,28 @@ def parse_rate(value: str | int | None) -> int | None:
             f"invalid rate {value!r}: expected e.g. 100Mbit, 12MiB (per second) or bytes/s"
         ) from None
     return rate or None
+
+
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*", re.IGNORECASE)
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: str | float | None) -> float | None:
+    """Seconds: ``"24h"`` → 86400, ``"30m"``, ``"1.5s"``, ``"250ms"``, ``"7d"``, a number
+    of seconds; ``0``, ``"off"``, ``""`` or None → None (never)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "0")):
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"invalid duration {value!r}: must be >= 0")
+        return float(value) or None
+    m = _DURATION.fullmatch(str(value))
+    if m is None:
+        raise ConfigError(f"invalid duration {value!r}: expected e.g. 24h, 30m, 10s or seconds")
+    return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "").lower()] or None
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -196,6 +219,21 @@ class NodeConfig:
     proxy_tag_ttl: float = 0.0
     """Seconds the proxy answers a tag from its cache before asking the upstream again
     (0: every tag request goes upstream; the cache then only serves when it is down)."""
+    # -- cache GC (:mod:`p2pdist.gc`) ----------------------------------------------------
+    cache_ttl: float | None = None
+    """Seconds after its last use that a complete blob is evicted (None: never)."""
+    cache_quota: int | None = None
+    """Bytes the store may hold (None: no quota); see the watermarks."""
+    cache_high_watermark: float = 0.9
+    """Above this fraction of ``cache_quota``, least-recently-used blobs are evicted ..."""
+    cache_low_watermark: float = 0.8
+    """... until the store holds at most this fraction."""
+    gc_interval: float = 60.0
+    """Seconds between GC passes (one also runs after each download completes)."""
+    log_level: str | None = None
+    """debug, info, warning or error (None: the ``--log-level`` flag's, else info)."""
+    log_format: str = "text"
+    """The daemon's log lines: ``text`` or ``json`` (:mod:`p2pdist.logs`)."""
 
     def registry(self, host: str) -> RegistryConfig:
         """The settings for ``host``; credentials from the environment apply to it when
@@ -243,6 +281,26 @@ class NodeConfig:
             raise ConfigError("proxy_tag_ttl must be between 0 and 86400 seconds")
         if not 1 <= self.upload_slots <= 1024:
             raise ConfigError("upload_slots must be between 1 and 1024")
+        if self.cache_ttl is not None and not 0 < self.cache_ttl <= 10 * 365 * 86400:
+            raise ConfigError("cache_ttl must be more than 0 and at most 10 years (or off)")
+        if self.cache_quota is not None and self.cache_quota <= 0:
+            raise ConfigError("cache_quota must be more than 0 bytes (or off)")
+        for name in ("cache_high_watermark", "cache_low_watermark"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be a fraction of cache_quota in (0, 1]")
+        if self.cache_low_watermark > self.cache_high_watermark:
+            raise ConfigError(
+                f"cache_low_watermark ({self.cache_low_watermark}) must not be above "
+                f"cache_high_watermark ({self.cache_high_watermark})"
+            )
+        if not 0 < self.gc_interval <= 86400:
+            raise ConfigError("gc_interval must be more than 0 and at most 86400 seconds")
+        if self.log_level is not None and self.log_level not in _LOG_LEVELS:
+            raise ConfigError(
+                f"invalid log_level {self.log_level!r}: expected one of {', '.join(_LOG_LEVELS)}"
+            )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"invalid log_format {self.log_format!r}: expected text or json")
         return self
 
 
@@ -287,6 +345,11 @@ _FILE_TYPES: dict[str, tuple[type, ...]] = {
     "upload_rate": (str, int),
     "source_rate": (str, int),
     "schedulers": (list, str),
+    "cache_ttl": (str, int, float),
+    "cache_quota": (str, int),
+    "cache_high_watermark": (int, float),
+    "cache_low_watermark": (int, float),
+    "gc_interval": (str, int, float),
 }
 
 
@@ -327,6 +390,13 @@ _SIMPLE_KEYS = (
     "proxy_listen",
     "upstream",
     "proxy_tag_ttl",
+    "cache_ttl",
+    "cache_quota",
+    "cache_high_watermark",
+    "cache_low_watermark",
+    "gc_interval",
+    "log_level",
+    "log_format",
 )
 
 
@@ -380,6 +450,27 @@ def load_node_config(
         for key in ("piece_timeout", "proxy_tag_ttl"):
             if key in values:
                 values[key] = float(values[key])
+        for key in ("cache_high_watermark", "cache_low_watermark"):
+            if key in values:
+                try:
+                    values[key] = float(values[key])
+                except ValueError:
+                    raise ConfigError(
+                        f"invalid {key} {values[key]!r}: expected a fraction, e.g. 0.8"
+                    ) from None
+        if "cache_ttl" in values:
+            values["cache_ttl"] = parse_duration(values["cache_ttl"])
+        if "cache_quota" in values:
+            quota = values["cache_quota"]
+            off = isinstance(quota, str) and quota.strip().lower() in ("", "off")
+            values["cache_quota"] = None if off else parse_size(quota) or None
+        if "gc_interval" in values:
+            interval = parse_duration(values["gc_interval"])
+            if interval is None:
+                raise ConfigError("gc_interval must be more than 0 seconds")
+            values["gc_interval"] = interval
+        if "log_level" in values:
+            values["log_level"] = str(values["log_level"]).strip().lower()
         if values.get("proxy_listen") in ("", "off", "none"):
             values["proxy_listen"] = None  # P2PDIST_PROXY_LISTEN=off: no proxy
         if "upstream" in values:

@@ -12,7 +12,16 @@ It runs, in one trio nursery:
   ``GET /api/v1/blobs/<digest>/stats`` tells where its bytes came from;
 * the **registry proxy** (``--proxy-listen``, loopback by default) that dockerd and
   containerd pull through (:mod:`p2pdist.proxy`);
-* the link to the scheduler: registration, heartbeats, announcements.
+* the link to the scheduler: registration, heartbeats, announcements, and the preheat
+  jobs the scheduler orders in its answers to heartbeats (:mod:`p2pdist.preheater`);
+* the cache GC (:meth:`Node.gc_forever`).
+
+``SIGHUP`` reloads the config file (:func:`run_daemon`): the settings in
+:data:`LIVE_SETTINGS` apply at once, to running transfers too; a change to any other one
+is logged as needing a restart; a bad file is one error line and the running config stays.
+
+Every listener answers ``GET /healthz`` (alive) and ``GET /readyz`` (:mod:`p2pdist.health`);
+the local API also serves ``GET /metrics`` (:mod:`p2pdist.metrics`).
 """
 
 from __future__ import annotations
@@ -26,11 +35,11 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
-from typing import NoReturn
+from typing import Final, NoReturn
 from urllib.parse import urlsplit
 
 import httpx
@@ -42,30 +51,81 @@ from . import __version__
 from .clusterauth import check_token, token_headers
 from .config import DEFAULT_PROXY_LISTEN, NodeConfig, split_hostport
 from .digest import Digest
-from .errors import InvalidDigest, UsageError
+from .errors import InvalidDigest, P2PDistError, UsageError
+from .health import check_readiness
 from .httpserver import (
     FileBody,
     HTTPError,
     Request,
     Response,
     ServerConfig,
-    file_response,
     raise_open_file_limit,
     serve_http,
     serve_http_listeners,
 )
+from .logs import log_context
+from .metrics import metrics_response
 from .node import BlobOrigin, Node, open_node
 from .peer import CompressionCache, PieceLocation, parse_piece_path
+from .peerclient import PeerConnections
 from .pieces import piece_size_for
-from .proxy import RegistryProxy, job_size, stream_job, with_upstream_registry
+from .preheater import Preheater
+from .proxy import (
+    RegistryProxy,
+    job_size,
+    leased_blob_response,
+    stream_job,
+    with_upstream_registry,
+)
+from .ratelimit import Slots
 from .reference import is_valid_registry_host, is_valid_repository
 from .schedclient import SchedulerClient
 
-__all__ = ["DaemonInfo", "open_daemon", "run_daemon"]
+__all__ = [
+    "LIVE_SETTINGS",
+    "ConfigChanges",
+    "DaemonInfo",
+    "open_daemon",
+    "reload_config",
+    "run_daemon",
+]
 
 log = logging.getLogger("p2pdist.daemon")
 
 _SAMPLE_BYTES = 64 << 10  # what decides whether a piece is worth compressing
+
+
+#: What a config reload changes in a running daemon; anything else needs a restart.
+LIVE_SETTINGS: Final = (
+    "download_rate",
+    "upload_rate",
+    "source_rate",
+    "upload_slots",
+    "piece_timeout",
+    "proxy_tag_ttl",
+    "cache_ttl",
+    "cache_quota",
+    "cache_high_watermark",
+    "cache_low_watermark",
+    "gc_interval",
+    "log_level",
+)
+_GC_SETTINGS: Final = {
+    "cache_ttl",
+    "cache_quota",
+    "cache_high_watermark",
+    "cache_low_watermark",
+    "gc_interval",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChanges:
+    """What :meth:`DaemonInfo.apply_config` did: settings applied live, and settings that
+    changed in the file but need a restart (names only: some are secrets)."""
+
+    applied: tuple[str, ...] = ()
+    restart: tuple[str, ...] = ()
 
 
 @dataclass
@@ -77,14 +137,26 @@ class DaemonInfo:
     uploaded: int = 0
     proxy_url: str | None = None
     """The registry proxy's base URL (None when it is off)."""
+    apply_config: Callable[[NodeConfig], ConfigChanges] | None = None
+    """Apply a re-read config to the running daemon (what ``SIGHUP`` does)."""
 
 
 class _Daemon:
-    def __init__(self, config: NodeConfig, node: Node, info: DaemonInfo) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        node: Node,
+        info: DaemonInfo,
+        link: SchedulerClient | None = None,
+    ) -> None:
         self.config = config
         self.node = node
         self.info = info
-        self.slots = trio.Semaphore(config.upload_slots)
+        self.link = link
+        self.metrics = node.metrics
+        self.listeners: dict[str, list[trio.SocketListener] | None] = {}
+        """The peer server's and the proxy's sockets (None: off), for ``/readyz``."""
+        self.slots = Slots(config.upload_slots)
         self.zstd = CompressionCache()
         # Compressing reads a whole piece and holds its frame: two at a time bound that
         # memory (the other uploads wait, or go raw from the cache's verdicts).
@@ -95,12 +167,74 @@ class _Daemon:
         # The registry API (``/v2/...?ns=HOST``) is served on the local API too, so that
         # ``p2pdist pull`` works with the proxy listener off.
         self.registry = RegistryProxy(node, upstream=config.upstream, tag_ttl=config.proxy_tag_ttl)
+        self.metrics.watch(
+            uploads=lambda: self.slots.in_use,
+            downloads=node.active_downloads,
+            store=self._store_size,
+            scheduler=lambda: link is not None and link.reachable is True,
+        )
+
+    def _store_size(self) -> tuple[int, int]:
+        blobs = self.node.store.list_blobs()
+        return len(blobs), sum(size for _, size in blobs)
+
+    # -- health -------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        """``/healthz``: the process answers.  ``/readyz``: see :mod:`p2pdist.health`."""
+        if request.path == "/healthz":
+            return Response.json({"status": "ok", "host_id": self.info.host_id})
+        ready = await check_readiness(
+            host_id=self.info.host_id,
+            data_dir=self.config.data_dir,
+            listeners=self.listeners,
+            scheduler=self.link.reachable if self.link is not None else None,
+            scheduler_configured=self.link is not None,
+        )
+        return Response.json(ready.body, ready.status)
+
+    async def proxy(self, request: Request) -> Response:
+        """The registry proxy's listener: the proxy, and the health endpoints."""
+        if request.path in ("/healthz", "/readyz"):
+            return await self.health(request)
+        return await self.registry.handle(request)
+
+    # -- config reload ----------------------------------------------------------------------
+
+    def apply_config(self, new: NodeConfig) -> ConfigChanges:
+        """Apply the :data:`LIVE_SETTINGS` of ``new`` (a validated config) now: rate limits
+        (running transfers too), upload slots, piece timeout, tag TTL, cache GC, log level.
+        The other settings keep their running values; the names of those that differ are
+        returned (and logged by the caller) as needing a restart."""
+        new = with_upstream_registry(new)
+        old = self.config
+        applied = tuple(k for k in LIVE_SETTINGS if getattr(new, k) != getattr(old, k))
+        restart = tuple(
+            f.name
+            for f in fields(NodeConfig)
+            if f.name not in LIVE_SETTINGS and getattr(new, f.name) != getattr(old, f.name)
+        )
+        config = replace(old, **{k: getattr(new, k) for k in applied})
+        self.config = self.node.config = config
+        self.node.bandwidth.set_rates(
+            download=config.download_rate, upload=config.upload_rate, source=config.source_rate
+        )
+        self.slots.limit = config.upload_slots
+        self.registry.tag_ttl = config.proxy_tag_ttl
+        if "log_level" in applied:
+            logging.getLogger().setLevel((config.log_level or "info").upper())
+        if _GC_SETTINGS.intersection(applied):
+            self.node.request_gc()
+        link = self.node.link
+        if "upload_slots" in applied and isinstance(link, SchedulerClient):
+            self.node.nursery.start_soon(link.update_host, config.upload_slots)
+        return ConfigChanges(applied, restart)
 
     # -- peer server ----------------------------------------------------------------------
 
     async def peer(self, request: Request) -> Response:
         if request.path in ("/healthz", "/readyz"):
-            return Response.json({"status": "ok"})
+            return await self.health(request)
         check_token(request, self.config.cluster_token)
         try:
             parsed = parse_piece_path(request.path)
@@ -120,10 +254,20 @@ class _Daemon:
         if not 1 <= piece_size <= 1 << 30:
             raise HTTPError(400, "piece_size out of range")
         await self._check_seal(digest)
+        store = self.node.store
+        # Leased until the piece is sent: the cache GC does not evict a blob being read.
+        store.acquire(digest)
         if self.node.piece_location(digest, index, piece_size) is None:
+            store.release(digest)
             raise HTTPError(404, f"piece {index} of {digest} is not verified here")
-        if not self._acquire_slot():
+        if not self.slots.try_acquire():
+            store.release(digest)
             raise HTTPError(503, "all upload slots are busy", headers=[("Retry-After", "1")])
+
+        def done() -> None:
+            self.slots.release()
+            store.release(digest)
+
         handed_over = False
         try:
             headers = [("Content-Type", "application/octet-stream")]
@@ -143,19 +287,21 @@ class _Daemon:
                 )
                 if frame is not None:
                     self.info.uploaded += len(frame)
+                    self.metrics.record_uploaded(len(frame))
                     headers.append(("Content-Encoding", "zstd"))
                     return Response(200, headers, frame)
             fd, loc = self._open_piece(digest, index, piece_size)
             self.info.uploaded += loc.length
+            self.metrics.record_uploaded(loc.length)
             # The server owns (and closes) the fd: the bytes stay readable even if the
             # task is committed (its data file renamed) while they are being sent.  The
             # upload slot is held until the server is done sending them.
-            body = FileBody(fd=fd, offset=loc.offset, length=loc.length, on_done=self.slots.release)
+            body = FileBody(fd=fd, offset=loc.offset, length=loc.length, on_done=done)
             handed_over = True
             return Response(200, headers, body)
         finally:
             if not handed_over:
-                self.slots.release()
+                done()
 
     async def _blob(self, request: Request) -> Response:
         """``GET /peer/v1/blobs/<digest>`` with ``Range``: a complete, verified blob (or a
@@ -170,20 +316,15 @@ class _Daemon:
         except InvalidDigest as exc:
             raise HTTPError(400, str(exc)) from None
         await self._check_seal(digest)
-        path = self.node.store.blob_path(digest)
-        if path is None:
-            raise HTTPError(404, f"blob {digest} is not complete here", code="BLOB_UNKNOWN")
         headers = [
             ("Content-Type", "application/octet-stream"),
             ("Docker-Content-Digest", str(digest)),
             ("Accept-Ranges", "bytes"),
         ]
-        try:
-            return file_response(path, request.headers.get("range"), headers)
-        except FileNotFoundError:
-            raise HTTPError(
-                404, f"blob {digest} is not complete here", code="BLOB_UNKNOWN"
-            ) from None
+        response = await leased_blob_response(self.node.store, digest, request, headers)
+        if response is None:
+            raise HTTPError(404, f"blob {digest} is not complete here", code="BLOB_UNKNOWN")
+        return response
 
     async def _check_seal(self, digest: Digest) -> None:
         """A complete blob whose bytes may have changed since they were verified (written
@@ -199,10 +340,16 @@ class _Daemon:
     def _open_piece(self, digest: Digest, index: int, piece_size: int) -> tuple[int, PieceLocation]:
         """An open fd on the file holding a verified piece.  A partial task's data file is
         renamed into place when the task completes: then the piece is in the blob file."""
-        for _ in range(3):
-            loc = self.node.piece_location(digest, index, piece_size)
+        # A task being committed: its data file is renamed to the blob's path a moment
+        # before the task is closed, so after a miss look in the blob alone.  (A 404
+        # tells the asker we never had the piece; the scheduler then drops every claim
+        # of ours on the blob.)
+        for blob_only in (False, True, True):
+            loc = self.node.piece_location(digest, index, piece_size, blob_only=blob_only)
             if loc is None:
-                break
+                if blob_only:
+                    break
+                continue
             try:
                 return os.open(loc.path, os.O_RDONLY | os.O_CLOEXEC), loc
             except FileNotFoundError:
@@ -242,19 +389,16 @@ class _Daemon:
         await trio.sleep(30)
         self.verifying_recently.discard(digest)
 
-    def _acquire_slot(self) -> bool:
-        try:
-            self.slots.acquire_nowait()
-        except trio.WouldBlock:
-            return False
-        return True
-
     # -- local API --------------------------------------------------------------------------
 
     async def api(self, request: Request) -> Response:
         path = request.path
         if path in ("/healthz", "/readyz"):
-            return Response.json({"status": "ok", "host_id": self.info.host_id})
+            return await self.health(request)
+        if path == "/metrics":
+            if request.method not in ("GET", "HEAD"):
+                raise HTTPError(405, "method not allowed")
+            return await metrics_response([self.metrics.registry])
         if path == "/v2" or path.startswith("/v2/"):
             return await self.registry.handle(request)
         prefix = "/api/v1/blobs/"
@@ -284,6 +428,7 @@ class _Daemon:
                     "seconds": round(s.seconds, 3),
                     "bad_pieces": s.bad_pieces,
                     "fallback": s.fallback,
+                    "stragglers": s.stragglers,
                 }
             )
         if request.method not in ("GET", "HEAD"):
@@ -354,7 +499,7 @@ class _Daemon:
         except OSError:
             free = 0
         return HostLoad(
-            upload_slots_in_use=self.config.upload_slots - self.slots.value,
+            upload_slots_in_use=self.slots.in_use,
             up_bps=up_bps,
             down_bps=down_bps,
             cpu=cpu,
@@ -445,6 +590,8 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
             trust_env=False, timeout=10.0, headers=token_headers(config.cluster_token)
         )
         await nursery.start(_close_on_cancel, sched_http)
+        sched_conns = PeerConnections(token_headers(config.cluster_token), max_idle=4)
+        await nursery.start(_close_on_cancel, sched_conns)
         link = None
         if config.schedulers:
             daemon_ref: list[_Daemon] = []
@@ -457,32 +604,46 @@ async def open_daemon(config: NodeConfig) -> AsyncIterator[DaemonInfo]:
                 RegisterHost(host_id, advertise, config.zone, __version__, config.upload_slots),
                 http=sched_http,
                 announcements=announcements,
+                lean=sched_conns,
             )
         async with open_node(config, link=link) as node:
             info = DaemonInfo(host_id, f"http://{advertise}", "", node)
-            daemon = _Daemon(config, node, info)
+            daemon = _Daemon(config, node, info, link)
+            daemon.listeners["peer"] = peer_listeners
+            daemon.listeners["proxy"] = None
+            info.apply_config = daemon.apply_config
+            with log_context(host=host_id):
+                nursery.start_soon(node.gc_forever)
             if config.schedulers:
                 daemon_ref.append(daemon)
             server_config = ServerConfig(keepalive_timeout=120.0)
             peer_config = replace(server_config, send_limiter=node.bandwidth.upload)
-            await nursery.start(
-                partial(serve_http_listeners, config=peer_config), daemon.peer, peer_listeners
-            )
-            api = await nursery.start(
-                partial(serve_http, config=server_config), daemon.api, api_host, api_port
-            )
-            info.api_url = api.url
-            if config.proxy_listen is not None:
-                proxy_listeners = await _proxy_listeners(config.proxy_listen)
-                if proxy_listeners:
-                    served = await nursery.start(
-                        partial(serve_http_listeners, config=server_config),
-                        daemon.registry.handle,
-                        proxy_listeners,
+            # The servers' tasks (and the downloads they start) inherit this context:
+            # every line they log names this daemon (``host`` in JSON logs).
+            with log_context(host=host_id):
+                await nursery.start(
+                    partial(serve_http_listeners, config=peer_config), daemon.peer, peer_listeners
+                )
+                api = await nursery.start(
+                    partial(serve_http, config=server_config), daemon.api, api_host, api_port
+                )
+                info.api_url = api.url
+                if config.proxy_listen is not None:
+                    proxy_listeners = await _proxy_listeners(config.proxy_listen)
+                    if proxy_listeners:
+                        daemon.listeners["proxy"] = proxy_listeners
+                        served = await nursery.start(
+                            partial(serve_http_listeners, config=server_config),
+                            daemon.proxy,
+                            proxy_listeners,
+                        )
+                        info.proxy_url = served.url
+                if link is not None:
+                    # Preheat jobs arrive in the answers to heartbeats (p2pdist.preheater).
+                    preheater = Preheater(node)
+                    nursery.start_soon(
+                        partial(link.heartbeat_forever, daemon.load, preheat=preheater)
                     )
-                    info.proxy_url = served.url
-            if link is not None:
-                nursery.start_soon(link.heartbeat_forever, daemon.load)
             log.info(
                 "daemon %s: peers at %s, local API at %s, registry proxy at %s",
                 host_id,
@@ -525,7 +686,8 @@ async def _close_listeners_on_exit(listeners: list[trio.SocketListener]) -> None
 
 
 async def _close_on_cancel(
-    client: httpx.AsyncClient, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    client: httpx.AsyncClient | PeerConnections,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     task_status.started()
     try:
@@ -535,17 +697,44 @@ async def _close_on_cancel(
             await client.aclose()
 
 
-async def run_daemon(config: NodeConfig) -> NoReturn:
-    """Run until SIGTERM/SIGINT; leave the swarm cleanly."""
+async def run_daemon(
+    config: NodeConfig, reload: Callable[[], NodeConfig] | None = None
+) -> NoReturn:
+    """Run until SIGTERM/SIGINT; leave the swarm cleanly.  On SIGHUP, ``reload()`` (which
+    re-reads the config file, the environment and the flags) and apply what can change
+    live; a config it refuses is logged and the running one kept."""
     raise_open_file_limit()  # three servers of up to 1024 connections each, and the store
     bound_malloc()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with open_daemon(config) as info:
             print(
                 f"p2pdist daemon {info.host_id}: peers {info.peer_url}, API {info.api_url}, "
                 f"registry proxy {info.proxy_url or 'off'}",
                 flush=True,
             )
-            async for _ in signals:
-                break
+            async for signum in signals:
+                if signum != signal.SIGHUP:
+                    break
+                await reload_config(info, reload)
     raise SystemExit(0)
+
+
+async def reload_config(info: DaemonInfo, reload: Callable[[], NodeConfig] | None) -> None:
+    """What SIGHUP does (one log line for the outcome, one more if a restart is needed)."""
+    if reload is None or info.apply_config is None:
+        log.warning("config reload: no config to reload")
+        return
+    try:
+        new = await trio.to_thread.run_sync(reload)
+    except P2PDistError as exc:
+        log.error("config reload failed, keeping the running config: %s", exc)
+        return
+    changes = info.apply_config(new)
+    log.info(
+        "config reloaded: %s",
+        f"applied {', '.join(changes.applied)}" if changes.applied else "no live setting changed",
+    )
+    if changes.restart:
+        log.warning(
+            "config reload: %s changed: restart the daemon to apply", ", ".join(changes.restart)
+        )

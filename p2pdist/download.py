@@ -403,11 +403,17 @@ async def download(
         source, sink, concurrency=concurrency, progress=progress, stats=stats, throttle=throttle
     )
     started = time.perf_counter()
-    if missing:
+    # Pieces found bad on disk after they were verified (a child's report, a re-check)
+    # are un-verified while the download runs: fetch them again before the commit (a
+    # couple of rounds: a disk that keeps corrupting them fails the commit).
+    for _ in range(3):
+        if not missing:
+            break
         if info.accepts_ranges:
             await engine.run_ranged()
         else:
             await engine.run_stream()
+        missing = sink.missing()
     path = await trio.to_thread.run_sync(sink.commit)
     stats.seconds = time.perf_counter() - started
     return path, stats

@@ -19,6 +19,8 @@
      ├── NetworkError                 connection refused/reset, timeouts, TLS (exit 4)
      │    └── PlanConflict            the swarm cuts this blob at another piece size
      ├── DockerError                  the Docker engine is unreachable or refused (exit 4)
+     ├── PreheatFailed                a preheat job failed on a node, or timed out (the
+     │                                node's exit code, else 4)
      └── StoreError                   the local piece store failed (exit 4)
           ├── StoreFull               ENOSPC / EDQUOT
           └── StorePermission         EACCES / EPERM / EROFS
@@ -42,6 +44,7 @@ __all__ = [
     "P2PDistError",
     "PieceMismatch",
     "PlanConflict",
+    "PreheatFailed",
     "RegistryError",
     "StoreError",
     "StoreFull",
@@ -142,6 +145,15 @@ class DockerError(P2PDistError):
     """The Docker engine could not be reached, or refused an image."""
 
     exit_code = EXIT_NETWORK
+
+
+class PreheatFailed(P2PDistError):
+    """A preheat job failed on a node (``exit_code``: that node's error's) or did not
+    finish in time."""
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_NETWORK) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code if exit_code in (1, 2, 3, 4) else EXIT_NETWORK
 
 
 class StoreError(P2PDistError):

@@ -1093,6 +1093,8 @@ class _Connection:
         view = memoryview(data)
         timeout = self.config.send_timeout
         limiter = self.config.send_limiter
+        if limiter is not None and not limiter.limited:
+            limiter = None  # unlimited now (its rate may change: see RateLimiter.set_rate)
         step = _SEND_SLICE if limiter is None else _LIMITED_SENDFILE
         for pos in range(0, len(view), step):
             part = view[pos : pos + step]
@@ -1226,17 +1228,18 @@ class _Connection:
         sent = 0
         timeout = self.config.send_timeout
         limiter = self.config.send_limiter
-        most = _SENDFILE_MAX if limiter is None else _LIMITED_SENDFILE
         with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             while sent < length:
-                want = min(length - sent, most)
-                if limiter is not None:
+                # Looked at per slice: the limit may be changed (or lifted) mid-body.
+                limited = limiter is not None and limiter.limited
+                want = min(length - sent, _LIMITED_SENDFILE if limited else _SENDFILE_MAX)
+                if limiter is not None and limited:
                     await limiter.take(want)
                 try:
                     n = os.sendfile(sock_fd, fd, offset + sent, want)
                 except BlockingIOError:
-                    if limiter is not None:
-                        limiter.bucket.reserve(-want, trio.current_time())  # not sent: refund
+                    if limiter is not None and limited:
+                        limiter.refund(want)  # not sent
                     await trio.lowlevel.wait_writable(sock)
                     continue
                 except OSError as exc:
@@ -1246,8 +1249,8 @@ class _Connection:
                 if n == 0:
                     logger.warning("file shrank while being sent; closing the connection")
                     raise _Aborted
-                if limiter is not None and n < want:
-                    limiter.bucket.reserve(n - want, trio.current_time())  # refund the rest
+                if limiter is not None and limited and n < want:
+                    limiter.refund(want - n)  # the rest was not sent
                 sent += n
                 self.body_sent += n
                 if sent < length:

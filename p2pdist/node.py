@@ -5,7 +5,10 @@
 * one download per blob: every local request for the same digest (CLI, proxy, preheat)
   joins the job already running instead of starting another;
 * registry clients, pooled per registry host (connections and tokens are reused);
-* the link to the scheduler, and the HTTP client that fetches pieces from parents.
+* the link to the scheduler, and the HTTP client that fetches pieces from parents;
+* the cache GC (:meth:`Node.collect_garbage`, policy in :mod:`p2pdist.gc`): periodic and
+  after each completed download; every running download holds a lease on its blob, and an
+  evicted blob is no longer announced to the scheduler.
 
 Open it with :func:`open_node`; jobs run in the node's own nursery, so a client that goes
 away does not cancel a download others are waiting for.
@@ -17,8 +20,10 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -27,7 +32,10 @@ import trio
 from .clusterauth import token_headers
 from .config import NodeConfig
 from .digest import Digest
-from .errors import DigestMismatch, P2PDistError, PlanConflict, UsageError
+from .errors import DigestMismatch, P2PDistError, PlanConflict, StoreError, UsageError
+from .gc import GCPlan, GCPolicy, plan_gc
+from .logs import log_context
+from .metrics import NodeMetrics
 from .peer import PieceLocation
 from .peerclient import PeerConnections
 from .pieces import PiecePlan, piece_size_for
@@ -91,6 +99,15 @@ class Job:
             return 0
         return _prefix(task, plan)
 
+    def generation(self) -> tuple[int, int] | None:
+        """Changes whenever bytes this attempt had verified may no longer be its bytes: the
+        task was replaced (a restart under another piece plan) or pieces were un-verified
+        (found bad on disk).  None once the blob is complete (or between tasks)."""
+        task = self.task
+        if self.path is not None or task is None or task.closed:
+            return None
+        return id(task), task.drops
+
     def open_verified(self, beyond: int = 0) -> tuple[int, int] | None:
         """``(fd, n)``: an open file whose first ``n`` bytes (``n > beyond``) are verified
         bytes of this attempt (the complete blob, or the task's data file, duplicated under
@@ -132,14 +149,21 @@ class Node:
         nursery: trio.Nursery,
         link: SchedulerLink | None,
         peers: httpx.AsyncClient,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or NodeMetrics()
         self.store = store
         self.link = link
         self.peers = peers
-        self.bandwidth = Bandwidth.from_rates(
+        # Adjustable: a config reload (SIGHUP) changes the rates of running transfers.
+        self.bandwidth = Bandwidth.adjustable(
             download=config.download_rate, upload=config.upload_rate, source=config.source_rate
         )
+        self._gc_wanted = trio.Event()
+        self._gc_lock = trio.Lock()
+        self.evicted = 0
+        """Blobs the cache GC has evicted since start."""
         self.fetch_slots = FetchSlots(config.concurrency)
         self.peer_conns = PeerConnections(token_headers(config.cluster_token))
         self._seq = itertools.count()
@@ -184,9 +208,13 @@ class Node:
 
     # -- what the peer server serves -------------------------------------------------------
 
-    def piece_location(self, digest: Digest, index: int, piece_size: int) -> PieceLocation | None:
-        """Where verified piece ``index`` (cut at ``piece_size``) is, or None."""
-        task = self._tasks.get(digest)
+    def piece_location(
+        self, digest: Digest, index: int, piece_size: int, *, blob_only: bool = False
+    ) -> PieceLocation | None:
+        """Where verified piece ``index`` (cut at ``piece_size``) is, or None.
+        ``blob_only``: look only in the complete blob (the task's data file was just
+        renamed into place and the task is not closed yet)."""
+        task = None if blob_only else self._tasks.get(digest)
         if task is not None and not task.closed:
             if task.plan.piece_size != piece_size:
                 return None
@@ -196,7 +224,10 @@ class Node:
         path = self.store.blob_path(digest)
         if path is None:
             return None
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:  # evicted meanwhile
+            return None
         # Only the blob's own piece plan: a peer must not choose how much we read at once.
         recorded = self.blob_piece_hashes(digest)
         allowed = {piece_size_for(size, self.config.piece_size)}
@@ -211,8 +242,9 @@ class Node:
         return PieceLocation(path, start, end - start)
 
     async def forget_blob(self, digest: Digest) -> None:
-        """The blob is gone from the store (found corrupt): stop offering it."""
+        """The blob is gone from the store (found corrupt, or evicted): stop offering it."""
         self.stats.pop(digest, None)
+        self._piece_hashes.pop(digest, None)
         if self.link is not None:
             try:
                 await self.link.leave_task(digest)
@@ -260,15 +292,28 @@ class Node:
             self.nursery.start_soon(self._run, job, origin, size)
         return job
 
+    def active_downloads(self) -> int:
+        """Downloads in progress (read by metrics scrapes, from a worker thread: the
+        ``list`` copy is one step under the GIL, safe while the event loop adds jobs)."""
+        return sum(1 for job in list(self._jobs.values()) if not job.done.is_set())
+
     async def _run(self, job: Job, origin: BlobOrigin, size: int | None) -> None:
+        timer = self.metrics.time_task()
+        # A blob being downloaded (and, once complete, until the job is over) is never
+        # evicted; readers that stream it hold their own lease.
+        self.store.acquire(job.digest)
         try:
-            job.path = await self._complete(job, origin, size)
+            with log_context(task=str(job.digest)):
+                job.path = await self._complete(job, origin, size)
+            self.request_gc()
         except P2PDistError as exc:
             job.error = exc
         except Exception as exc:  # a bug: keep the daemon up, tell the waiters
             log.exception("download of %s failed", job.digest)
             job.error = exc
         finally:
+            self.store.release(job.digest)
+            timer.done(ok=job.error is None and job.path is not None)
             job.done.set()
             job.notify()
             # Successful jobs are forgotten (the store has the blob); failed ones too,
@@ -281,6 +326,7 @@ class Node:
         existing = await trio.to_thread.run_sync(self.store.checked_blob_path, digest)
         if existing is not None:
             job.plan = PiecePlan(existing.stat().st_size, self.config.piece_size)
+            self.metrics.record_received("local", job.plan.size)
             return existing
         source = await self.source_for(digest, origin)
         ranges = True
@@ -325,6 +371,7 @@ class Node:
                     fetch_slots=self.fetch_slots,
                     priority=job.seq,
                     peer_conns=self.peer_conns,
+                    metrics=self.metrics,
                 )
                 job.stats = stats
                 self.stats[digest] = stats
@@ -361,6 +408,53 @@ class Node:
         except BlobComplete:
             return None
 
+    # -- cache GC ----------------------------------------------------------------------------
+
+    def request_gc(self) -> None:
+        """Run a GC pass soon (after a download completed)."""
+        self._gc_wanted.set()
+
+    async def collect_garbage(self, now: float | None = None) -> GCPlan:
+        """One GC pass under the current config: evict what the policy says, skipping
+        blobs that became in use since it looked; the scheduler is told of each eviction."""
+        policy = GCPolicy.from_config(self.config)
+        async with self._gc_lock:
+            if not policy.enabled:
+                return GCPlan((), 0, 0)
+            entries = await trio.to_thread.run_sync(self.store.cache_entries)
+            plan = plan_gc(entries, policy, now=time.time() if now is None else now)
+            for ev in plan.evict:
+                digest = Digest.parse(ev.digest)
+                try:
+                    gone = await trio.to_thread.run_sync(self.store.evict, digest)
+                except StoreError as exc:
+                    log.warning("cache GC: %s", exc)
+                    continue
+                if not gone:
+                    log.info("cache GC: %s is in use now: kept", digest)
+                    continue
+                self.evicted += 1
+                log.info("cache GC: evicted %s (%d bytes, %s)", digest, ev.size, ev.reason)
+                await self.forget_blob(digest)
+            if plan.short:
+                log.warning(
+                    "cache GC: %d bytes over the low watermark are in use or downloading",
+                    plan.short,
+                )
+            return plan
+
+    async def gc_forever(self) -> None:
+        """Every ``gc_interval`` seconds (read anew each time: a reload changes it), and
+        whenever :meth:`request_gc` asks."""
+        while True:
+            with trio.move_on_after(self.config.gc_interval):
+                await self._gc_wanted.wait()
+            self._gc_wanted = trio.Event()
+            try:
+                await self.collect_garbage()
+            except StoreError as exc:
+                log.warning("cache GC: %s", exc)
+
     async def aclose(self) -> None:
         await self.peer_conns.aclose()
         await self._exit.aclose()
@@ -372,7 +466,8 @@ class Node:
 async def open_node(
     config: NodeConfig, *, link: SchedulerLink | None = None
 ) -> AsyncIterator[Node]:
-    store = await trio.to_thread.run_sync(PieceStore, config.data_dir)
+    metrics = NodeMetrics()
+    store = await trio.to_thread.run_sync(partial(PieceStore, config.data_dir, observer=metrics))
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     async with (
         httpx.AsyncClient(
@@ -383,7 +478,7 @@ async def open_node(
         ) as peers,
         trio.open_nursery() as nursery,
     ):
-        node = Node(config, store, nursery=nursery, link=link, peers=peers)
+        node = Node(config, store, nursery=nursery, link=link, peers=peers, metrics=metrics)
         try:
             yield node
         finally:

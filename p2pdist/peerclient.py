@@ -1,4 +1,5 @@
-"""A lean client for piece GETs to other daemons (the hot path of a rollout).
+"""A lean client for piece GETs to other daemons (the hot path of a rollout), and for
+the scheduler's event POSTs (one or more per piece).
 
 Parents are our own peer servers, so the exchange is narrow and known: ``GET`` a piece
 path, a ``200`` with ``Content-Length`` (raw, or ``Content-Encoding: zstd``), keep-alive.
@@ -125,6 +126,77 @@ class PeerConnections:
                         await stream.aclose()
         raise AssertionError("unreachable")
 
+    async def post(
+        self, addr: str, path: str, body: bytes, *, limit: int = 1 << 20
+    ) -> tuple[int, bytes]:
+        """``POST path`` with a JSON ``body`` to ``addr`` (the scheduler's event API):
+        ``(status, answer body)``, the answer at most ``limit`` bytes.  Raises
+        NetworkError when there is no usable answer."""
+        for attempt in (0, 1):
+            stream, reused = await self._connect(addr, fresh=attempt > 0)
+            keep = False
+            try:
+                try:
+                    status, data, keep = await self._post_exchange(stream, addr, path, body, limit)
+                except _Stale:
+                    if reused and attempt == 0:
+                        await self._drop_idle(addr)
+                        continue
+                    raise _Failed("connection closed before an answer") from None
+                return status, data
+            finally:
+                if not (keep and self._keep(addr, stream)):
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+        raise AssertionError("unreachable")
+
+    async def _post_exchange(
+        self, stream: trio.SocketStream, addr: str, path: str, body: bytes, limit: int
+    ) -> tuple[int, bytes, bool]:
+        request = (
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {addr}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            ).encode("latin-1")
+            + self._extra
+            + b"\r\n"
+            + body
+        )
+        try:
+            with trio.fail_after(READ_TIMEOUT):
+                await stream.send_all(request)
+                head, rest = await read_response_head(stream, _HEAD_LIMIT)
+            status, headers = parse_response_head(head)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _Stale() from None
+        except ClosedBeforeHead as exc:
+            if exc.partial:
+                raise _Failed("connection closed inside the answer head") from None
+            raise _Stale() from None
+        except BadHead as exc:
+            raise _Failed(str(exc)) from None
+        except trio.TooSlowError:
+            raise _Failed(f"no answer for {READ_TIMEOUT:.0f}s") from None
+        length = _content_length(headers, status)
+        if length > limit:
+            raise _Failed(f"answer of {length} bytes, more than {limit}")
+        data = bytearray(rest)
+        if len(data) > length:
+            raise _Failed("sent more than its Content-Length")
+        try:
+            with trio.fail_after(READ_TIMEOUT):
+                while len(data) < length:
+                    chunk = await stream.receive_some(length - len(data))
+                    if not chunk:
+                        raise _Failed(f"connection closed after {len(data)} of {length} bytes")
+                    data += chunk
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise _Failed(f"connection broken after {len(data)} of {length} bytes") from exc
+        except trio.TooSlowError:
+            raise _Failed(f"no data for {READ_TIMEOUT:.0f}s") from None
+        keep = headers.get("connection", "").lower() != "close"
+        return status, bytes(data), keep
+
     async def _exchange(
         self,
         stream: trio.SocketStream,
@@ -157,14 +229,7 @@ class PeerConnections:
             raise _Failed(str(exc)) from None
         except trio.TooSlowError:
             raise _Failed(f"no answer for {READ_TIMEOUT:.0f}s") from None
-        length_text = headers.get("content-length", "")
-        if (
-            "transfer-encoding" in headers
-            or not (length_text.isascii() and length_text.isdigit())
-            or len(length_text) > 15
-        ):
-            raise _Failed("answer without a Content-Length", status=status)
-        length = int(length_text)
+        length = _content_length(headers, status)
         if status != 200:
             raise _Failed(f"answered {status}", status=status)
         if length > limit:
@@ -199,6 +264,17 @@ class PeerConnections:
         if keep:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return PieceResponse(buf, length, encoding), keep
+
+
+def _content_length(headers: Mapping[str, str], status: int) -> int:
+    length_text = headers.get("content-length", "")
+    if (
+        "transfer-encoding" in headers
+        or not (length_text.isascii() and length_text.isdigit())
+        or len(length_text) > 15
+    ):
+        raise _Failed("answer without a Content-Length", status=status)
+    return int(length_text)
 
 
 class _Stale(Exception):

@@ -51,6 +51,7 @@ serves the same blobs to any peer anyway (see the README on private images).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Final
 from urllib.parse import quote
@@ -67,8 +69,9 @@ import trio
 
 from .config import NodeConfig, RegistryConfig
 from .digest import Digest, sha256_digest
-from .errors import InvalidDigest, ManifestInvalid, NetworkError, UpstreamError
+from .errors import InvalidDigest, ManifestInvalid, NetworkError, StoreFull, UpstreamError
 from .httpserver import (
+    FileBody,
     FileChunk,
     HTTPError,
     Request,
@@ -89,6 +92,7 @@ from .registry import (
     resolve_credentials,
 )
 from .registry._http import open_response, read_capped
+from .store import PieceStore
 
 __all__ = [
     "API_VERSION_HEADER",
@@ -97,12 +101,16 @@ __all__ = [
     "ManifestCache",
     "RegistryProxy",
     "job_size",
+    "leased_blob_response",
     "stream_job",
     "upstream_host",
     "with_upstream_registry",
 ]
 
 log = logging.getLogger("p2pdist.proxy")
+
+_cache_hit: contextvars.ContextVar[bool] = contextvars.ContextVar("proxy_hit", default=False)
+"""Set while a request is answered from the node's store or manifest cache (metrics)."""
 
 API_VERSION_HEADER: Final = ("Docker-Distribution-API-Version", "registry/2.0")
 _STREAM_POLL: Final = 0.25
@@ -120,14 +128,22 @@ _PASSED_HEADERS: Final = ("www-authenticate", "retry-after")
 # -- serving a Job over HTTP (shared with the daemon's local API) -------------------------
 
 
+def job_error(error: BaseException) -> HTTPError:
+    """The answer for a download that failed: 404 when the upstream has no such blob (or
+    will not say), 507 when this node's disk is full, else 502."""
+    if isinstance(error, StoreFull):
+        return HTTPError(507, f"this node cannot store the blob: {error}", code="UNAVAILABLE")
+    status = 404 if getattr(error, "exit_code", 0) == 3 else 502
+    return HTTPError(status, str(error))
+
+
 async def job_size(job: Job) -> int:
     """The blob's size as soon as the job knows it (HTTPError if the job failed first:
     404 for not found / unauthorized upstream, else 502)."""
     while job.plan is None:
         if job.done.is_set():
             if job.error is not None:
-                status = 404 if getattr(job.error, "exit_code", 0) == 3 else 502
-                raise HTTPError(status, str(job.error))
+                raise job_error(job.error)
             break
         await job.changed.wait()
     if job.plan is None:
@@ -143,14 +159,31 @@ async def stream_job(
     range's final byte only after the whole blob matched its digest.  If the download
     fails the stream stops short (HTTPError), so the client sees a truncated body (or,
     before the first byte, an error status)."""
-    stop = size if end is None else end
+    # The blob is not evicted while it is being streamed (the cache GC waits for us).
+    node.store.acquire(job.digest)
+    try:
+        async for item in _stream_job(job, start, size if end is None else end):
+            yield item
+    finally:
+        node.store.release(job.digest)
+
+
+async def _stream_job(job: Job, start: int, stop: int) -> AsyncIterator[bytes | FileChunk]:
     sent = start
     attempt = job.attempt
+    generation = job.generation()
     while sent < stop:
         if job.attempt != attempt and sent > start:
             # The swarm's bytes failed the whole-blob check and the download started
             # over: what was already sent cannot be trusted.  Cut the stream.
             raise HTTPError(502, f"blob {job.digest} failed its digest check; retry")
+        now = job.generation()
+        if now is not None and now != generation:
+            if sent > start and generation is not None:
+                # Pieces we may have sent were un-verified (bad on disk) or the task was
+                # replaced: the bytes sent may not be the blob's.  Cut the stream.
+                raise HTTPError(502, f"blob {job.digest}: verified data changed; retry")
+            generation = now
         changed = job.changed
         opened = job.open_verified(beyond=sent)
         if opened is not None:
@@ -174,7 +207,7 @@ async def stream_job(
             os.close(fd)
         if job.done.is_set():
             if job.error is not None:
-                raise HTTPError(502, str(job.error))
+                raise job_error(job.error)
             if job.verified_prefix() <= sent or opened is None:
                 # Finished, but the bytes are not there (the blob was removed meanwhile,
                 # found corrupt): cut the stream rather than look again forever.
@@ -185,6 +218,31 @@ async def stream_job(
         # now and then: a stalled upstream must not hold back bytes already verified.
         with trio.move_on_after(_STREAM_POLL):
             await changed.wait()
+
+
+async def leased_blob_response(
+    store: PieceStore, digest: Digest, request: Request, headers: list[tuple[str, str]]
+) -> Response | None:
+    """The complete blob (or the ``Range`` asked for) from the store, zero-copy, with a
+    lease on it until the body is sent or abandoned (the cache GC leaves it alone); None
+    if the store does not have it (also: evicted just now)."""
+    store.acquire(digest)
+    handed_over = False
+    try:
+        path = await trio.to_thread.run_sync(store.checked_blob_path, digest)
+        if path is None:
+            return None
+        try:
+            response = file_response(path, request.headers.get("range"), headers)
+        except FileNotFoundError:
+            return None
+        assert isinstance(response.body, FileBody)
+        response.body = replace(response.body, on_done=partial(store.release, digest))
+        handed_over = True
+        return response
+    finally:
+        if not handed_over:
+            store.release(digest)
 
 
 # -- upstream configuration -----------------------------------------------------------------
@@ -394,11 +452,22 @@ class RegistryProxy:
         self._own_credentials: dict[str, bool] = {}
 
     async def handle(self, request: Request) -> Response:
+        token = _cache_hit.set(False)
+        status: int | None = None  # None: cancelled (the client went away)
         try:
             response = await self._route(request)
+            status = response.status
         except HTTPError as exc:
+            status = exc.status
             exc.headers.append(API_VERSION_HEADER)
             raise
+        except Exception:
+            status = 500  # what the server answers to a handler's bug
+            raise
+        finally:
+            if status is not None and request.path.startswith("/v2"):
+                self.node.metrics.record_proxy(status, _cache_hit.get())
+            _cache_hit.reset(token)
         response.headers.append(API_VERSION_HEADER)
         return response
 
@@ -583,6 +652,7 @@ class RegistryProxy:
         if digest is not None:
             cached = await self.manifests.get(digest)
             if cached is not None:
+                _cache_hit.set(True)
                 self._note_sizes(cached.media_type, cached.data)
                 return _manifest_response(cached.digest, cached.media_type, cached.data, head)
         accept = request.headers.get("accept") or ", ".join(ALL_MANIFEST_TYPES)
@@ -623,10 +693,12 @@ class RegistryProxy:
         if not _accepts(accept, entry.media_type):
             return None
         if head:
+            _cache_hit.set(True)
             return _manifest_head(entry.digest, entry.media_type, entry.size)
         cached = await self.manifests.get(entry.digest)
         if cached is None:
             return None
+        _cache_hit.set(True)
         self._note_sizes(cached.media_type, cached.data)
         return _manifest_response(cached.digest, cached.media_type, cached.data, head=False)
 
@@ -754,13 +826,10 @@ class RegistryProxy:
         self, request: Request, digest: Digest, headers: list[tuple[str, str]]
     ) -> Response | None:
         """The complete blob from the store (zero-copy), or None if the node lacks it."""
-        path = await trio.to_thread.run_sync(self.node.store.checked_blob_path, digest)
-        if path is None:
-            return None
-        try:
-            return file_response(path, request.headers.get("range"), headers)
-        except FileNotFoundError:
-            return None
+        response = await leased_blob_response(self.node.store, digest, request, headers)
+        if response is not None:
+            _cache_hit.set(True)
+        return response
 
     async def _blob_size_upstream(self, up: _Upstream, digest: Digest) -> int:
         response = await self._open(

@@ -413,9 +413,11 @@ def _spool_dir(layout: Path | None) -> Iterator[Path]:
             blobs.mkdir(parents=True, exist_ok=True)
         except PermissionError:
             raise UsageError(f"cannot write to {str(layout)!r}: permission denied") from None
-        yield blobs
-        for leftover in blobs.glob(".*.partial"):
-            leftover.unlink(missing_ok=True)
+        try:
+            yield blobs
+        finally:  # a failed or interrupted pull leaves no half-written blob behind
+            for leftover in blobs.glob(".*.partial"):
+                leftover.unlink(missing_ok=True)
         return
     with tempfile.TemporaryDirectory(prefix="p2pdist-pull-") as tmp:
         yield Path(tmp)

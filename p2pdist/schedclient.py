@@ -9,9 +9,11 @@ then registers the host again, re-announces every blob and partial task the node
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from dataclasses import replace
+from typing import Any, NoReturn, Protocol
 
 import httpx
 import trio
@@ -28,6 +30,8 @@ from scheduler import (
     HostLoad,
     LeaveHost,
     LeaveTask,
+    PreheatOrder,
+    PreheatReport,
     RegisterHost,
     Rejected,
     ReportPieceFailure,
@@ -39,9 +43,10 @@ from scheduler._codec import decode_answer, encode
 
 from .digest import Digest
 from .errors import NetworkError, P2PDistError, PlanConflict
+from .peerclient import PeerConnections
 from .swarm import FailureReason
 
-__all__ = ["SchedulerClient"]
+__all__ = ["PreheatLink", "SchedulerClient"]
 
 log = logging.getLogger("p2pdist.schedclient")
 
@@ -50,6 +55,16 @@ AnnounceFn = Callable[[], Awaitable[list[Announce]]]
 
 class SchedulerUnavailable(NetworkError):
     pass
+
+
+class PreheatLink(Protocol):
+    """What the heartbeat carries for preheat (:class:`p2pdist.preheater.Preheater`)."""
+
+    def reports(self) -> tuple[PreheatReport, ...]: ...
+
+    def apply(self, orders: tuple[PreheatOrder, ...]) -> None: ...
+
+    async def wait_changed(self) -> None: ...
 
 
 class SchedulerClient:
@@ -63,12 +78,16 @@ class SchedulerClient:
         http: httpx.AsyncClient,
         announcements: AnnounceFn,
         timeout: float = 5.0,
+        lean: PeerConnections | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one scheduler URL is needed")
         self.urls = list(urls)
         self.host = host
         self.http = http
+        self.lean = lean
+        """Plain-HTTP schedulers are asked through this (pooled sockets, no HTTP library
+        layers: each piece costs one or more round trips); https ones through ``http``."""
         self.announcements = announcements
         self.timeout = timeout
         self._current = 0
@@ -77,6 +96,12 @@ class SchedulerClient:
         self._plans: dict[str, tuple[int, int]] = {}
         self._complete: set[str] = set()
         """Complete blobs the scheduler has been told of (announced or completed)."""
+        self.reachable: bool | None = None
+        """Whether the last exchange with a scheduler succeeded (None: none yet)."""
+        self._leaves = 0
+        self._left: dict[str, int] = {}
+        """Blobs this host left (evicted) -> the count of leaves when it did: a listing of
+        the store taken before that is stale for them."""
 
     @property
     def host_id(self) -> str:
@@ -91,26 +116,35 @@ class SchedulerClient:
             url = self.urls[(self._current + attempt) % len(self.urls)]
             try:
                 with trio.fail_after(self.timeout):
-                    resp = await self.http.post(f"{url}/api/v1/events", json=body)
-            except (httpx.HTTPError, trio.TooSlowError) as exc:
+                    status, data = await self._send(url, body)
+            except (httpx.HTTPError, NetworkError, trio.TooSlowError) as exc:
                 last = exc
                 continue
-            if resp.status_code >= 500:
-                last = NetworkError(f"scheduler {url} answered {resp.status_code}")
+            if status >= 500:
+                last = NetworkError(f"scheduler {url} answered {status}")
                 continue
-            if resp.status_code != 200:
+            self.reachable = True
+            if status != 200:
+                text = data[:200].decode("utf-8", "replace")
                 raise NetworkError(
-                    f"scheduler {url} refused {type(event).__name__}: "
-                    f"{resp.status_code} {resp.text[:200]}"
+                    f"scheduler {url} refused {type(event).__name__}: {status} {text}"
                 )
             self._current = (self._current + attempt) % len(self.urls)
             try:
-                return decode_answer(resp.json())
-            except ValueError as exc:
+                return decode_answer(json.loads(data))
+            except (ValueError, RecursionError) as exc:
                 raise NetworkError(f"scheduler {url}: malformed answer: {exc}") from None
+        self.reachable = False
         raise SchedulerUnavailable(
             f"no scheduler reachable ({', '.join(self.urls)}): {type(last).__name__}"
         )
+
+    async def _send(self, url: str, body: Any) -> tuple[int, bytes]:
+        if self.lean is not None and url.startswith("http://"):
+            data = json.dumps(body, separators=(",", ":")).encode()
+            return await self.lean.post(url.removeprefix("http://"), "/api/v1/events", data)
+        resp = await self.http.post(f"{url}/api/v1/events", json=body)
+        return resp.status_code, resp.content
 
     async def call(self, event: Any) -> Answer:
         """Send ``event``; on ``Unknown`` re-register/re-announce and send it again."""
@@ -145,11 +179,15 @@ class SchedulerClient:
         if not self._registered:
             return 0
         new = 0
+        leaves = self._leaves
         for ann in await self.announcements():
             if ann.complete and ann.digest not in self._complete:
+                if self._left.get(ann.digest, 0) > leaves:
+                    continue  # evicted since the store was listed: not ours to offer
                 await self.call(ann)
                 self._complete.add(ann.digest)
                 new += 1
+        self._left = {d: n for d, n in self._left.items() if n > leaves}
         return new
 
     async def _reannounce_task(self, digest: str) -> None:
@@ -162,16 +200,37 @@ class SchedulerClient:
             await self._post(StartTask(self.host_id, digest, *plan))
 
     async def heartbeat_forever(
-        self, load: Callable[[], HostLoad], interval: float = 5.0
+        self,
+        load: Callable[[], HostLoad],
+        interval: float = 5.0,
+        *,
+        preheat: PreheatLink | None = None,
     ) -> NoReturn:
+        """Heartbeat every ``interval`` seconds.  With ``preheat``: each beat carries its
+        reports, the answer's orders go to it, and a job ending beats at once."""
         while True:
             try:
-                await self.call(Heartbeat(self.host_id, load()))
+                reports = preheat.reports() if preheat is not None else ()
+                answer = await self.call(Heartbeat(self.host_id, load(), reports))
+                if preheat is not None and isinstance(answer, Ack):
+                    preheat.apply(answer.preheat)
                 await self.announce_new_blobs()
             except (P2PDistError, httpx.HTTPError) as exc:
                 # Never let the heartbeat take the daemon down: try again next time.
                 log.warning("heartbeat: %s", exc)
-            await trio.sleep(interval)
+            with trio.move_on_after(interval):
+                if preheat is not None:
+                    await preheat.wait_changed()
+                else:
+                    await trio.sleep_forever()
+
+    async def update_host(self, upload_slots: int) -> None:
+        """Tell the scheduler this host's new upload slots (a config reload)."""
+        self.host = replace(self.host, upload_slots=upload_slots)
+        try:
+            await self._post(self.host)
+        except P2PDistError as exc:
+            log.info("scheduler: %s", exc)
 
     async def leave(self) -> None:
         with contextlib.suppress(NetworkError):
@@ -216,6 +275,10 @@ class SchedulerClient:
         self._complete.add(str(digest))
 
     async def leave_task(self, digest: Digest) -> None:
+        """The blob is gone from this node (evicted, found corrupt): stop offering it."""
+        self._complete.discard(str(digest))
+        self._leaves += 1
+        self._left[str(digest)] = self._leaves
         await self.call(LeaveTask(self.host_id, str(digest)))
 
     async def mismatch(self, digest: Digest, epoch: int | None) -> None:

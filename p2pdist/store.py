@@ -61,6 +61,19 @@ caught by the whole-blob check at commit, and pieces served to peers are checked
 receiving peer against the piece-hash list.  A caller that wants more can call
 :meth:`Task.verify_pieces`, which re-hashes every verified piece and tombstones bad ones.
 
+Cache GC support
+----------------
+A reader of a blob (the peer server, the proxy streaming it, a re-hash) or a download of it
+holds a *lease* (:meth:`PieceStore.lease`, counted per digest in this process); the blob's
+*last use* is its file's access time, set by :meth:`PieceStore.touch` (at commit, and when
+a lease is taken and given back), so it survives a restart without an index.  Setting the
+atime leaves the mtime (the seal) alone.  :meth:`PieceStore.evict` deletes a complete blob
+only while nobody holds a lease on it and no ``Task`` of it is open, under the same lock
+that :meth:`PieceStore.acquire` takes: a reader either holds its lease before the check
+(and the blob stays) or finds the blob gone and fetches it again.  Bytes already opened
+stay readable after an eviction (an open fd keeps the inode).
+:meth:`PieceStore.cache_entries` is what the GC policy (:mod:`p2pdist.gc`) looks at.
+
 Errors: ``OSError`` maps to :class:`StoreFull` (ENOSPC, EDQUOT), :class:`StorePermission`
 (EACCES, EPERM, EROFS) or :class:`StoreError`, with a one-line message naming the path.
 After such an error the piece is not recorded and the task stays usable and resumable.
@@ -81,13 +94,14 @@ import os
 import shutil
 import struct
 import threading
+import time
 import uuid
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Self, cast
+from typing import Any, BinaryIO, Literal, Protocol, Self, cast
 
 from .digest import Digest
 from .errors import (
@@ -98,11 +112,13 @@ from .errors import (
     StoreFull,
     StorePermission,
 )
+from .gc import CacheEntry
 from .pieces import PiecePlan
 
 __all__ = [
     "FORMAT_VERSION",
     "BlobComplete",
+    "PieceObserver",
     "PieceStore",
     "Task",
     "TaskBusy",
@@ -236,6 +252,17 @@ class _TaskLock:
         self.fd = None
 
 
+class PieceObserver(Protocol):
+    """Told of every piece the store verifies or refuses (the daemon's metrics); called
+    from the writing thread."""
+
+    def piece_verified(self) -> None: ...
+
+    def piece_rejected(
+        self, reason: Literal["sha256", "length", "conflict", "scheduler"], n: int = 1
+    ) -> None: ...
+
+
 class PieceStore:
     """Blobs and partial tasks under ``root``.  See the module docstring."""
 
@@ -245,12 +272,15 @@ class PieceStore:
         *,
         durable: bool = False,
         preallocate: bool = True,
+        observer: PieceObserver | None = None,
     ) -> None:
         self.root = Path(root)
+        self.observer = observer
         self.durable = durable
         self.preallocate = preallocate
         self._open: weakref.WeakValueDictionary[Digest, Task] = weakref.WeakValueDictionary()
         self._open_lock = threading.Lock()
+        self._leases: dict[Digest, int] = {}
         for sub in ("blobs", "tasks", "tmp"):
             with _mapped("create directory", self.root / sub):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -288,6 +318,15 @@ class PieceStore:
         sealed = _sealed_mtime(path)
         if sealed == st.st_mtime_ns or (sealed is None and st.st_nlink <= 1):
             return path
+        with self.lease(digest):  # not evicted while we hash it
+            try:
+                return self._recheck(digest, path)
+            except StoreError:
+                if not path.exists():
+                    return None  # evicted before we took the lease
+                raise
+
+    def _recheck(self, digest: Digest, path: Path) -> Path | None:
         for _ in range(2):
             with _mapped("read", path), open(path, "rb") as f:
                 before = os.fstat(f.fileno()).st_mtime_ns
@@ -313,8 +352,13 @@ class PieceStore:
         path = self._blob_file(digest)
         if not path.is_file():
             return None
-        with _mapped("read", path), open(path, "rb") as f:
-            matches = _file_matches(f, digest)
+        try:
+            with self.lease(digest), _mapped("read", path), open(path, "rb") as f:
+                matches = _file_matches(f, digest)
+        except StoreError:
+            if not path.is_file():
+                return None  # evicted before we took the lease
+            raise
         if matches:
             return True
         with _mapped("remove corrupt blob", path):
@@ -349,6 +393,95 @@ class PieceStore:
                 raise _store_error(exc, "link", dest) from None
         with _mapped("copy blob to", dest):
             _copy_file(src, dest)
+
+    # -- leases, last use and eviction (cache GC) ----------------------------------------
+
+    def acquire(self, digest: Digest) -> None:
+        """Take a lease on ``digest``: :meth:`evict` leaves it alone until it is released.
+        Marks the blob used (if it is complete)."""
+        with self._open_lock:
+            self._leases[digest] = self._leases.get(digest, 0) + 1
+        self.touch(digest)
+
+    def release(self, digest: Digest) -> None:
+        """Give back a lease taken with :meth:`acquire`; marks the blob used."""
+        with self._open_lock:
+            n = self._leases.get(digest, 0) - 1
+            if n > 0:
+                self._leases[digest] = n
+            else:
+                self._leases.pop(digest, None)
+        self.touch(digest)
+
+    @contextlib.contextmanager
+    def lease(self, digest: Digest) -> Iterator[None]:
+        """``with store.lease(digest):`` the blob is not evicted inside the block."""
+        self.acquire(digest)
+        try:
+            yield
+        finally:
+            self.release(digest)
+
+    def in_use(self, digest: Digest) -> bool:
+        """Leased, or a ``Task`` of it is open in this process."""
+        with self._open_lock:
+            return self._leases.get(digest, 0) > 0 or digest in self._open
+
+    def touch(self, digest: Digest) -> None:
+        """Record that the complete blob was used now (its atime; the mtime, which seals
+        the verified bytes, is kept).  No-op if it is not complete; best effort."""
+        path = self._blob_file(digest)
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+
+    def last_used(self, digest: Digest) -> float | None:
+        """Seconds since the epoch of the complete blob's last use, or None."""
+        try:
+            return self._blob_file(digest).stat().st_atime
+        except OSError:
+            return None
+
+    def evict(self, digest: Digest) -> bool:
+        """Delete the complete blob (and its piece-hash list) unless it is leased or being
+        downloaded here.  True if it was deleted."""
+        path = self._blob_file(digest)
+        with self._open_lock:
+            if self._leases.get(digest, 0) > 0 or digest in self._open:
+                return False
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise _store_error(exc, "evict", path) from exc
+        with contextlib.suppress(OSError):
+            _pieces_file(path).unlink()
+        return True
+
+    def cache_entries(self) -> list[CacheEntry]:
+        """What the cache GC looks at: every complete blob (size, last use, whether it is
+        leased or downloading) and every partial task on disk (size, never evictable)."""
+        out: list[CacheEntry] = []
+        blobs = self.root / "blobs"
+        with _mapped("list", blobs):
+            for alg_dir in sorted(p for p in blobs.iterdir() if p.is_dir()):
+                for entry in sorted(alg_dir.iterdir()):
+                    try:
+                        digest = Digest.parse(f"{alg_dir.name}:{entry.name}")
+                        st = entry.stat()
+                    except (InvalidDigest, OSError):
+                        continue
+                    out.append(
+                        CacheEntry(str(digest), st.st_size, st.st_atime, self.in_use(digest))
+                    )
+        for digest in self.list_tasks():
+            try:
+                st = (self._task_dir(digest) / "data").stat()
+            except OSError:
+                continue
+            out.append(CacheEntry(str(digest), st.st_size, st.st_mtime, True, complete=False))
+        return out
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -522,6 +655,9 @@ class Task:
         self._write_lock = threading.Lock()
         self._hasher = digest.hasher()
         self._hashed = 0  # pieces [0, _hashed) are in _hasher
+        #: Verified pieces un-verified since the task was opened (drop_pieces,
+        #: verify_pieces): a reader that sent bytes before a drop may have sent bad ones.
+        self.drops = 0
         self._hash_buf: bytearray | None = None
 
         if self._try_resume(plan) is None:
@@ -723,7 +859,10 @@ class Task:
         """
         length = self.plan.length(index)
         mv = memoryview(data).cast("B")
+        observer = self._store.observer
         if mv.nbytes != length:
+            if observer is not None:
+                observer.piece_rejected("length")
             raise PieceMismatch(
                 f"piece {index} of {self.digest}: got {mv.nbytes} bytes, expected {length}",
                 index=index,
@@ -735,6 +874,8 @@ class Task:
             return self._check_recorded(index, recorded, expected_sha256)
         sha = hashlib.sha256(mv).digest()
         if expected_sha256 is not None and sha.hex() != expected_sha256:
+            if observer is not None:
+                observer.piece_rejected("sha256")
             raise PieceMismatch(
                 f"piece {index} of {self.digest}: sha256 {sha.hex()} != expected {expected_sha256}",
                 index=index,
@@ -760,6 +901,8 @@ class Task:
                 self._hashes[index] = sha
                 self._verified_count += 1
                 self._verified_bytes += length
+            if observer is not None:
+                observer.piece_verified()
         finally:
             with self._cond:
                 self._writing.discard(index)
@@ -769,6 +912,8 @@ class Task:
 
     def _check_recorded(self, index: int, recorded: bytes, expected: str | None) -> str:
         if expected is not None and recorded.hex() != expected:
+            if self._store.observer is not None:
+                self._store.observer.piece_rejected("conflict")
             raise PieceMismatch(
                 f"piece {index} of {self.digest} is already verified with sha256 "
                 f"{recorded.hex()}, not {expected}",
@@ -904,6 +1049,7 @@ class Task:
                     self._verified_count -= 1
                     self._verified_bytes -= self.plan.length(i)
                     dropped.append(i)
+                self.drops += len(dropped)
             if dropped and min(dropped) < self._hashed:
                 self._hasher = self.digest.hasher()
                 self._hashed = 0
@@ -942,6 +1088,7 @@ class Task:
                         self._hashes[i] = None
                         self._verified_count -= 1
                         self._verified_bytes -= end - start
+                        self.drops += 1
                     bad.append(i)
             if bad and min(bad) < self._hashed:
                 self._hasher = self.digest.hasher()
@@ -1000,6 +1147,7 @@ class Task:
                 _write_pieces_file(dest, self.plan.piece_size, self._hashes)
                 os.rename(self.data_path, dest)
                 _fsync_dir(dest.parent)
+            store.touch(self.digest)  # completed: its first use, for the cache GC
         except StoreError:
             raise  # the task is intact and stays open; commit can be retried
         self._close_fds()

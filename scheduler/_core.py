@@ -26,9 +26,14 @@ Unknown, and restarts
 The piece-hash list (integrity)
     A piece's hash is learned from the first host that reports it with ``source=True``
     (it fetched the bytes from the registry and hashed them), from ``Announce`` or from
-    a seed's ``CompleteTask`` - whichever comes first; it is never replaced.  A report
-    whose hash differs from the list, or that has no hash while the list has none, is
-    rejected (``Ack.rejected``): the daemon drops those pieces.  A piece is offered from a
+    a seed's ``CompleteTask`` - whichever comes first; it is never replaced (only
+    withdrawn: ``missing``, ``BlobMismatch``).  A report whose hash differs from the
+    list, or that has no hash while the list has none, is rejected (``Ack.rejected``):
+    the daemon drops those pieces - except pieces it fetched from the registry (a
+    ``source=True`` report whose hash differs from the list): it keeps those for its
+    whole-blob check to judge (``BlobMismatch``), and they are recorded as its own, for
+    itself only: never assigned to it again, never offered from it (a refetch would
+    bring the same bytes, and children would find them "bad").  A piece is offered from a
     peer only when its hash is known, and the answer carries that hash.  An excluded
     host's reports count for itself only: they never publish a hash nor make it a parent,
     and its source leases do not keep anyone else from leasing the same pieces.
@@ -41,13 +46,16 @@ Assignments (``Assign`` -> ``Assignment``)
     1. From peers first: the asker's missing pieces that are not already assigned or
        leased to it and have a known hash and a holder, rarest first; each from the best
        of a sample of its holders (same zone first, least busy, below its upload slots,
-       not penalised, not excluded, never the asker), at most ``max_pieces_per_parent``
-       per parent.  Assigned pieces count as uploads of the parent until the asker reports
+       not penalised, not excluded, never the asker, never the parent the asker still
+       fetches that piece from as a straggler), at most ``max_pieces_per_parent`` per
+       parent.  Assigned pieces count as uploads of the parent until the asker reports
        them, reports a failure, or ``piece_timeout`` passes.
     2. Then, with the room left, one contiguous run (``source_run_pieces``) of pieces that
-       need the registry - hash unknown or nobody holds them - and are leased to fewer than
-       ``source_fanout`` hosts: a source lease, lapsing after ``lease_timeout``, released
-       when reported or failed.  A host holds at most ``max_source_leases_per_host``.
+       need the registry - hash unknown, nobody holds them, or every one of their (at
+       most ``parent_candidates``) holders is *failing* (penalised after a counted
+       failure, below) - and are leased to fewer than ``source_fanout`` hosts: a source
+       lease, lapsing after ``lease_timeout``, released when reported or failed.  A
+       host holds at most ``max_source_leases_per_host``.
        So hosts that start together are given different ranges, each range leaves the
        registry once, and the others fetch those pieces from the lessees as they report.
     3. Nothing assignable: ``retry_after`` (short).  Holding every piece: ``done``.
@@ -55,16 +63,46 @@ Assignments (``Assign`` -> ``Assignment``)
 Failures (``ReportPieceFailure``)
     ``bad_hash``: the parent served bytes that do not match the list: it is excluded from
     the task for every host, its record of the piece dropped.  ``error``/``slow``: the
-    parent is penalised (``error_penalty`` doubling with each failure in
+    parent is penalised (``error_penalty``/``slow_penalty`` doubling with each failure in
     ``failure_window``; ``avoid_after_failures`` of them bench it for ``avoid_duration``).
+    ``missing``: the parent does not have a piece it is recorded holding (it lied, or
+    lost it): penalised as for ``error``, and all its records of the task are dropped -
+    it is no longer offered for the task until it reports or announces pieces again -
+    and the hashes only it vouched for (it published them, nobody holds them now) are
+    withdrawn, so those pieces go back to the registry and are published afresh.
     ``refused``: the parent was full, a short ``refused_penalty``.  A parent benched for
     ``error``s (peers cannot reach it: perhaps dead) also loses its source leases, so
     its ranges are re-leased now rather than when it expires.  ``parent_id=None``:
     the registry fetch failed; the lease is released.  Only a failure matching an
-    outstanding assignment counts towards the doubling, so repeats are harmless.
+    outstanding assignment counts towards the doubling, so repeats are harmless.  A
+    parent penalised after a counted failure is *failing* until that penalty ends (after
+    a ``slow`` or ``straggler`` only when benched: it is serving, slowly, and on a
+    congested link every parent is slow now and then): a piece only failing parents
+    hold is leased to the registry (rule 2 above).
+
+Endgame (``straggler``)
+    A host whose piece has been in flight from its parent far longer than its other
+    pieces (its own judgement: the node's rule is in ``p2pdist/swarm.py``) reports
+    ``straggler`` and keeps fetching: the assignment is released and, if another host
+    holds the piece, the parent is penalised as for ``slow`` (as the only holder it is
+    not: the seed everyone asks at the start of a rollout is busy, not broken, and
+    benching it would send its pieces to the registry again), so the piece is offered
+    to the host again at once, from another holder - never from
+    that parent (``PeerTask.stragglers``) until the host reports the piece (the first
+    copy to arrive wins; the host cancels the other) or another failure of it from that
+    parent (that fetch ended).  Nothing else changes: the second assignment is an
+    ordinary one, and with no other holder the host simply waits for the first copy (a
+    parent that misses the piece timeout reports ``slow``, which counts).
+
+Preheat
+    ``start_preheat`` (the service's ``POST /api/v1/preheat``) picks hosts for a preheat
+    job; each chosen host finds its orders in the ``Ack`` to its heartbeats and reports
+    progress in them; a removed host fails its unfinished jobs.  The rules are in
+    ``_preheat``'s docstring.
 
 Whole-blob mismatch (``BlobMismatch``)
-    Every piece matched the list but the blob does not match its digest: the list is
+    Every piece matched the list but the blob does not match its digest - or the blob
+    matched its digest with pieces from the registry that the list rejected: the list is
     poisoned.  The task's epoch is bumped, its hash list, exclusions, leases, assignments
     and every non-seed's piece records are dropped: everyone fetches from the registry
     again.  Seeds (``CompleteTask``: digest-verified) keep their records and are offered
@@ -104,6 +142,7 @@ from ._events import (
     StartTask,
     Unknown,
 )
+from ._preheat import Candidate, PreheatJob, Preheats, Selection
 from ._state import Host, PeerTask, Task
 
 __all__ = ["Scheduler"]
@@ -135,6 +174,9 @@ class Scheduler:
         self._timers: list[_Timer] = []
         self._seq = 0
         self._now = float("-inf")
+        self.preheats = Preheats()
+        """Preheat jobs (``_preheat``): created by :meth:`start_preheat`, delivered and
+        reported through heartbeats."""
 
     # --- read-only views (for the service layer, metrics and tests) -------------------
 
@@ -203,7 +245,9 @@ class Scheduler:
         self._touch(host, now)
         if isinstance(event, Heartbeat):
             host.load = event.load
-            return Ack()
+            if event.preheat:
+                self.preheats.report(host.host_id, event.preheat, now)
+            return Ack(preheat=self.preheats.orders_for(host.host_id))
         if isinstance(event, StartTask | Announce):
             return self._start(host, event, now)
         task = self._tasks.get(event.digest)
@@ -274,6 +318,7 @@ class Scheduler:
         self._seen.pop(hid, None)
         if host is None:
             return
+        self.preheats.host_gone(hid, self._now)
         for digest in list(host.tasks):
             task = self._tasks.get(digest)
             if task is not None:
@@ -285,6 +330,34 @@ class Scheduler:
             if task is not None and pt is not None:
                 self._release_inflight(task, pt, piece)
         host.serving.clear()
+
+    # --- preheat -------------------------------------------------------------------
+
+    def start_preheat(
+        self, job_id: str, image: str, platform: str, selection: Selection, now: float
+    ) -> PreheatJob:
+        """Create preheat job ``job_id`` for ``image`` on the hosts ``selection`` picks
+        among those registered (rules in ``_preheat``).  Raises
+        :class:`~scheduler._preheat.PreheatError` for a selection it cannot serve."""
+        self.tick(now)
+        now = max(now, self._now)
+        candidates = []
+        for host in self._hosts.values():
+            downloading = 0
+            for digest in host.tasks:
+                task = self._tasks.get(digest)
+                pt = task.peers.get(host.host_id) if task is not None else None
+                downloading += pt is not None and not pt.complete
+            candidates.append(
+                Candidate(
+                    host.host_id,
+                    host.zone,
+                    downloading + self.preheats.active_count(host.host_id),
+                    host.busy() / max(1, host.upload_slots),
+                    host.load.cpu,
+                )
+            )
+        return self.preheats.create(job_id, image, platform, selection, candidates, now)
 
     # --- tasks ---------------------------------------------------------------------
 
@@ -378,8 +451,14 @@ class Scheduler:
         *,
         publish: bool,
         stale: bool,
+        keep_disputed: bool = False,
     ) -> Ack:
+        """Record ``pieces`` as held by ``pt``'s host; the answer lists the rejected.
+        ``keep_disputed``: pieces it hashed from the registry itself whose hash differs
+        from the list are rejected yet recorded as its own (never offered from it, never
+        assigned to it again): it keeps them for its whole-blob check."""
         rejected: list[int] = []
+        disputed: list[int] = []
         excluded = pt.host.host_id in task.excluded
         for i in pieces:
             if not (isinstance(i, int) and 0 <= i < task.count):
@@ -387,6 +466,8 @@ class Scheduler:
                 continue
             self._release_lease(task, pt, i)
             self._release_inflight(task, pt, i)
+            pt.stragglers.pop(i, None)
+            pt.uncounted.discard(i)
             h = hashes.get(i) if hashes is not None else None
             if h is not None and _HEX64.fullmatch(h) is None:
                 rejected.append(i)
@@ -401,12 +482,18 @@ class Scheduler:
                     task.publishers[i] = pt.host.host_id
             elif (h is not None and h != known) or (stale and not publish):
                 rejected.append(i)
+                if keep_disputed and h is not None and h != known:
+                    disputed.append(i)
                 continue
             self._set_held(task, pt, i)
         if rejected:  # a record the host just disowned must not be offered
             for i in rejected:
                 if isinstance(i, int) and 0 <= i < task.count and pt.have[i]:
                     self._unset_held(task, pt, i)
+        for i in disputed:  # its own, for itself only
+            if not pt.have[i]:
+                pt.have[i] = 1
+                pt.held += 1
         return Ack(tuple(rejected))
 
     def _unset_held(self, task: Task, pt: PeerTask, i: int) -> None:
@@ -418,7 +505,9 @@ class Scheduler:
 
     def _report(self, task: Task, pt: PeerTask, ev: ReportPieces, now: float) -> Answer:
         stale = ev.epoch is not None and ev.epoch != task.epoch
-        return self._accept(task, pt, ev.pieces, ev.hashes, publish=ev.source, stale=stale)
+        return self._accept(
+            task, pt, ev.pieces, ev.hashes, publish=ev.source, stale=stale, keep_disputed=ev.source
+        )
 
     def _complete(self, task: Task, pt: PeerTask, hashes: Mapping[int, str] | None) -> None:
         if hashes is not None and pt.host.host_id not in task.excluded:
@@ -432,6 +521,8 @@ class Scheduler:
                     task.hashes[i] = h
                     task.publishers[i] = pt.host.host_id
         pt.complete = True
+        pt.stragglers.clear()
+        pt.uncounted.clear()
         for i in list(pt.leases):
             self._release_lease(task, pt, i)
         for i in list(pt.inflight):
@@ -447,6 +538,8 @@ class Scheduler:
         readmit = [task.peers[h] for h in task.excluded if h in task.peers]
         task.excluded.clear()
         for pt in task.peers.values():
+            pt.stragglers.clear()
+            pt.uncounted.clear()
             for i in list(pt.leases):
                 self._release_lease(task, pt, i)
             for i in list(pt.inflight):
@@ -472,6 +565,19 @@ class Scheduler:
         matched = entry is not None and entry[0] == ev.parent_id
         if matched:
             self._release_inflight(task, pt, piece)
+        sole = len(task.holders[piece]) <= 1 + (pt.host.host_id in task.holders[piece])
+        if ev.reason == "straggler":
+            if not pt.have[piece]:
+                pt.stragglers[piece] = ev.parent_id
+                if sole:
+                    pt.uncounted.add(piece)
+        elif pt.stragglers.get(piece) == ev.parent_id:
+            del pt.stragglers[piece]  # that fetch is over
+            if piece in pt.uncounted:
+                # The straggler report released its assignment without counting: how
+                # the fetch ended (a piece timeout, an error) counts instead.
+                pt.uncounted.discard(piece)
+                matched = matched or ev.reason != "refused"
         parent = self._hosts.get(ev.parent_id)
         if ev.reason == "bad_hash":
             self._exclude(task, ev.parent_id, piece)
@@ -481,13 +587,32 @@ class Scheduler:
             pass
         elif ev.reason == "error":
             self._penalise(parent, now, cfg.error_penalty, counted=matched)
-            if matched and len(parent.failures) >= cfg.avoid_after_failures:
+            if matched:
+                parent.errors.append(now)
+                while parent.errors and parent.errors[0] <= now - cfg.failure_window:
+                    parent.errors.popleft()
+            if matched and len(parent.errors) >= cfg.avoid_after_failures:
                 # Peers cannot reach it: it may be dead, and a dead host's source leases
                 # would hold its ranges back until it expires.  Re-lease them now (if it
                 # is alive after all, those ranges leave the registry twice).
                 self._release_all_leases(parent)
-        elif ev.reason == "slow":
-            self._penalise(parent, now, cfg.slow_penalty, counted=matched)
+        elif ev.reason == "slow":  # serving, slowly: failing only once benched
+            # On a congested link every parent is slow now and then: treating that as
+            # failing would send its pieces to the registry (needs_source).
+            self._penalise(parent, now, cfg.slow_penalty, counted=matched, failing=False)
+        elif ev.reason == "straggler":
+            # Slower than the host's other pieces.  As the piece's only holder it is
+            # often merely busy (the seed everyone asks at the start of a rollout):
+            # nothing happens, the host waits for it (a piece timeout, "slow", counts).
+            # With another holder it is penalised as for "slow", and once benched its
+            # pieces no one else holds go to the registry.
+            if not sole:
+                self._penalise(parent, now, cfg.slow_penalty, counted=matched, failing=False)
+        elif ev.reason == "missing":
+            self._penalise(parent, now, cfg.error_penalty, counted=matched)
+            ppt = task.peers.get(parent.host_id)
+            if ppt is not None and ppt.have[piece]:
+                self._disown(task, ppt)
         else:  # refused: the parent was full
             parent.penalised_until = max(parent.penalised_until, now + cfg.refused_penalty)
         return Ack()
@@ -504,7 +629,22 @@ class Scheduler:
             ppt.held -= 1
             ppt.complete = False
 
-    def _penalise(self, host: Host, now: float, base: float, *, counted: bool) -> None:
+    def _disown(self, task: Task, ppt: PeerTask) -> None:
+        """``ppt``'s host does not have a piece it claimed: none of its records for the
+        task can be trusted.  They are dropped, and the hashes only it vouched for
+        (published by it, held by nobody now) withdrawn: the registry settles them."""
+        hid = ppt.host.host_id
+        pieces = ppt.pieces()
+        for i in pieces:
+            self._unset_held(task, ppt, i)
+        for i in pieces:
+            if task.publishers[i] == hid and not task.holders[i]:
+                task.hashes[i] = None
+                task.publishers[i] = None
+
+    def _penalise(
+        self, host: Host, now: float, base: float, *, counted: bool, failing: bool = True
+    ) -> None:
         cfg = self.config
         duration = base
         if counted:
@@ -512,10 +652,10 @@ class Scheduler:
             while host.failures and host.failures[0] <= now - cfg.failure_window:
                 host.failures.popleft()
             n = len(host.failures)
-            if n >= cfg.avoid_after_failures:
-                duration = cfg.avoid_duration
-            else:
-                duration = min(base * 2 ** (n - 1), cfg.max_penalty)
+            benched = n >= cfg.avoid_after_failures
+            duration = cfg.avoid_duration if benched else min(base * 2 ** (n - 1), cfg.max_penalty)
+            if failing or benched:
+                host.failing_until = max(host.failing_until, now + duration)
         host.penalised_until = max(host.penalised_until, now + duration)
 
     # --- assignment ----------------------------------------------------------------
@@ -543,7 +683,7 @@ class Scheduler:
             cfg.source_run_pieces,
             cfg.max_source_leases_per_host - len(pt.leases),
         )
-        run = _policy.pick_source_run(task, pt, room, cfg)
+        run = _policy.pick_source_run(task, pt, self._hosts, room, now, cfg)
         lease_end = now + cfg.lease_timeout
         shared = hid not in task.excluded  # an excluded host's fetch publishes nothing
         for i in run:

@@ -22,6 +22,9 @@ __all__ = [
     "LeaveHost",
     "LeaveTask",
     "PieceSource",
+    "PreheatOrder",
+    "PreheatReport",
+    "PreheatState",
     "RegisterHost",
     "Rejected",
     "ReportPieceFailure",
@@ -30,7 +33,19 @@ __all__ = [
     "Unknown",
 ]
 
-FailureReason = Literal["bad_hash", "error", "slow", "refused"]
+FailureReason = Literal["bad_hash", "error", "slow", "refused", "missing", "straggler"]
+"""Why a piece did not come from its parent (the rules are in ``_core``):
+
+- ``bad_hash``: the bytes did not match the piece-hash list;
+- ``error``: no usable answer (unreachable, hung up, malformed, timed out mid-body);
+- ``slow``: the piece did not arrive within the host's piece timeout: it gave up;
+- ``refused``: the parent was full (503);
+- ``missing``: the parent does not have the piece it was named for (404, 409);
+- ``straggler``: the piece is taking far longer than the host's other pieces; the
+  fetch goes on, but the host wants the piece from another parent too (endgame).
+"""
+PreheatState = Literal["pending", "running", "done", "failed"]
+"""A node's part in a preheat job (``_preheat``)."""
 
 
 # --- events --------------------------------------------------------------------------
@@ -61,9 +76,27 @@ class RegisterHost:
 
 
 @dataclass(frozen=True, slots=True)
+class PreheatReport:
+    """A daemon's progress on one preheat job (``scheduler._preheat``), sent in every
+    heartbeat until the scheduler stops ordering the job.  ``manifest``: the digest the
+    daemon resolved the image to; ``exit_code``: the CLI exit code of its error."""
+
+    job_id: str
+    state: PreheatState
+    blobs_done: int = 0
+    blobs_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    manifest: str = ""
+    error: str = ""
+    exit_code: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     host_id: str
     load: HostLoad = HostLoad()
+    preheat: tuple[PreheatReport, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +148,8 @@ class ReportPieces:
 @dataclass(frozen=True, slots=True)
 class ReportPieceFailure:
     """Fetching ``piece`` from ``parent_id`` failed (``parent_id=None``: from the registry;
-    this releases the source lease)."""
+    this releases the source lease), or, for ``reason="straggler"``, is going on too
+    slowly and the host asks for the piece from another parent as well."""
 
     host_id: str
     digest: str
@@ -135,8 +169,9 @@ class CompleteTask:
 
 @dataclass(frozen=True, slots=True)
 class BlobMismatch:
-    """The whole-blob digest check failed although every piece matched the hash list:
-    the list is poisoned.  ``epoch`` (from the assignments) makes repeats harmless."""
+    """The whole-blob digest check failed although every piece matched the hash list,
+    or passed with registry pieces the list rejected: the list is poisoned.  ``epoch``
+    (from the assignments) makes repeats harmless."""
 
     host_id: str
     digest: str
@@ -179,11 +214,26 @@ Event = (
 
 
 @dataclass(frozen=True, slots=True)
+class PreheatOrder:
+    """Warm ``image`` (``REGISTRY/REPO[:TAG][@DIGEST]``) for ``platform`` ("": the
+    daemon's own) into the store: every blob of its manifest.  ``manifest``: the digest
+    the job is pinned to once a node resolved the tag (fetch that, not the tag)."""
+
+    job_id: str
+    image: str
+    platform: str = ""
+    manifest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """Done.  ``rejected``: reported pieces not accepted (hash unknown or different from the
-    list, out of range, stale epoch); the daemon must drop and refetch them."""
+    list, out of range, stale epoch); the daemon must drop and refetch them.  ``preheat``
+    (answering a :class:`Heartbeat`): the preheat jobs this host is to run or go on
+    running; a job no longer listed is finished (or forgotten) for the scheduler."""
 
     rejected: tuple[int, ...] = ()
+    preheat: tuple[PreheatOrder, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

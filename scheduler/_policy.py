@@ -4,12 +4,14 @@
   known, at least one holder), rarest first (ties broken by a random rotation so that
   simultaneous askers spread), each given the best of a bounded random sample of its
   holders: same zone sampled first, then everyone; a candidate must not be the asker,
-  excluded, penalised, at its upload slots, or already named ``max_pieces_per_parent``
-  times in this answer; the lowest :func:`parent_score` wins.
+  excluded, penalised, at its upload slots, already named ``max_pieces_per_parent``
+  times in this answer, or the parent the asker is still fetching that piece from as a
+  straggler (``PeerTask.stragglers``); the lowest :func:`parent_score` wins.
 - :func:`pick_source_run`: the first contiguous run of pieces that need the registry
-  (hash unknown or no holder), are not held, assigned or leased to the asker, and have
-  the fewest leases below ``source_fanout`` (so a second lessee is only added to a range
-  once every range has its first).
+  (:func:`needs_source`: hash unknown, no holder, or every holder failing), are not
+  held, assigned or leased to the asker, and have the fewest leases below
+  ``source_fanout`` (so a second lessee is only added to a range once every range has
+  its first).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Mapping
 from ._config import SchedulerConfig
 from ._state import Host, PeerTask, Task
 
-__all__ = ["parent_score", "pick_from_peers", "pick_source_run"]
+__all__ = ["needs_source", "parent_score", "pick_from_peers", "pick_source_run"]
 
 
 def parent_score(host: Host, extra: int, same_zone: bool, cfg: SchedulerConfig) -> float:
@@ -41,8 +43,9 @@ def _usable(
     per_parent: Mapping[str, int],
     now: float,
     cfg: SchedulerConfig,
+    avoid: str | None = None,
 ) -> Host | None:
-    if hid == asker.host_id or hid in task.excluded:
+    if hid == asker.host_id or hid == avoid or hid in task.excluded:
         return None
     h = hosts.get(hid)
     if h is None or h.penalised_until > now:
@@ -62,7 +65,9 @@ def choose_parent(
     now: float,
     cfg: SchedulerConfig,
     rng: random.Random,
+    avoid: str | None = None,
 ) -> Host | None:
+    """The best usable holder of ``piece`` for ``asker`` (never ``avoid``), or None."""
     k = cfg.parent_candidates
     best: Host | None = None
     best_score = float("inf")
@@ -74,7 +79,7 @@ def choose_parent(
         pools.append(task.holders[piece])
     for pool in pools:
         for hid in pool.sample(rng, k):
-            h = _usable(hid, asker, task, hosts, per_parent, now, cfg)
+            h = _usable(hid, asker, task, hosts, per_parent, now, cfg, avoid)
             if h is None:
                 continue
             s = parent_score(h, per_parent.get(hid, 0), h.zone == asker.zone, cfg)
@@ -111,8 +116,10 @@ def pick_from_peers(
     wanted.sort()
     out: list[tuple[int, Host]] = []
     per_parent: dict[str, int] = {}
+    stragglers = pt.stragglers
     for _, _, i in wanted:
-        parent = choose_parent(task, i, pt.host, hosts, per_parent, now, cfg, rng)
+        avoid = stragglers.get(i) if stragglers else None
+        parent = choose_parent(task, i, pt.host, hosts, per_parent, now, cfg, rng, avoid)
         if parent is None:
             continue
         per_parent[parent.host_id] = per_parent.get(parent.host_id, 0) + 1
@@ -122,7 +129,35 @@ def pick_from_peers(
     return out
 
 
-def pick_source_run(task: Task, pt: PeerTask, limit: int, cfg: SchedulerConfig) -> list[int]:
+def needs_source(
+    task: Task, piece: int, hosts: Mapping[str, Host], now: float, cfg: SchedulerConfig
+) -> bool:
+    """No peer can serve ``piece`` now: its hash is unknown, nobody holds it, or each of
+    its (few) holders is failing — penalised after a counted failure (unreachable, hung
+    up, too slow, did not have what it announced).  Waiting for a failing holder could
+    take as long as its penalty, and a hostile one never serves: the registry can.  Only
+    checked for a piece with at most ``parent_candidates`` holders (a piece many hold is
+    never stranded in practice, and this stays O(1) per piece)."""
+    if task.needs_source(piece):
+        return True
+    holders = task.holders[piece]
+    if len(holders) > cfg.parent_candidates:
+        return False
+    for hid in holders:
+        h = hosts.get(hid)
+        if h is not None and h.failing_until <= now:
+            return False
+    return True
+
+
+def pick_source_run(
+    task: Task,
+    pt: PeerTask,
+    hosts: Mapping[str, Host],
+    limit: int,
+    now: float,
+    cfg: SchedulerConfig,
+) -> list[int]:
     """One contiguous run (at most ``limit`` pieces) for the asker to fetch from the
     registry, or ``[]``."""
     if limit <= 0:
@@ -137,7 +172,7 @@ def pick_source_run(task: Task, pt: PeerTask, limit: int, cfg: SchedulerConfig) 
             and i not in inflight
             and i not in leases
             and len(task_leases[i]) <= level
-            and task.needs_source(i)
+            and needs_source(task, i, hosts, now, cfg)
         )
 
     for level in range(cfg.source_fanout):

@@ -83,6 +83,8 @@ class SimResult:
     cross_zone_bytes: int
     wall_seconds: float
     unfinished: list[int]
+    #: Registry bytes leased to nodes that crashed (lost with them unless copied first).
+    crashed_lease_bytes: int = 0
 
     @property
     def registry_ratio(self) -> float:
@@ -114,6 +116,7 @@ class _Node:
     ask_token: int = 0
     done_at: float | None = None
     started: bool = False
+    leased_bytes: int = 0
 
 
 # event kinds
@@ -232,6 +235,7 @@ def simulate(cfg: SimConfig, sched_config: SchedulerConfig | None = None) -> Sim
                 end = max(t, reg_free) + plen(i) / min(cfg.registry_bps, cfg.node_down_bps)
                 reg_free = end
                 registry_bytes += plen(i)
+                n.leased_bytes += plen(i)
                 n.active += 1
                 push(end, _SOURCE_DONE, ni, i)
             if ans.from_peers or ans.from_source:
@@ -283,6 +287,7 @@ def simulate(cfg: SimConfig, sched_config: SchedulerConfig | None = None) -> Sim
         cross_zone_bytes=cross,
         wall_seconds=time.perf_counter() - wall0,
         unfinished=unfinished,
+        crashed_lease_bytes=sum(n.leased_bytes for n in nodes if n.crash_at != float("inf")),
     )
 
 

@@ -80,7 +80,12 @@ class Host:
     serving: set[tuple[str, str, int]] = field(default_factory=set)
     #: Times of recent counted failures as a parent (for the doubling penalty).
     failures: deque[float] = field(default_factory=deque)
+    #: Times of recent counted ``error``s among them (peers could not reach it).
+    errors: deque[float] = field(default_factory=deque)
     penalised_until: float = float("-inf")
+    #: End of the penalty for its last counted failure (``error``, ``slow``, ...): until
+    #: then it has recently failed to serve, not merely been full.
+    failing_until: float = float("-inf")
 
     def busy(self) -> int:
         """Upload slots in use: what the scheduler assigned, or what the host said."""
@@ -100,6 +105,12 @@ class PeerTask:
     leases: dict[int, float] = field(default_factory=dict)
     #: Pieces assigned from a parent, not yet reported: piece -> (parent id, expiry).
     inflight: dict[int, tuple[str, float]] = field(default_factory=dict)
+    #: Pieces the host reported as stragglers and is still fetching from that parent
+    #: (endgame): piece -> parent id, never named again for that piece to this host.
+    stragglers: dict[int, str] = field(default_factory=dict)
+    #: Those of them whose report did not count against the parent (it was the only
+    #: holder): how the fetch ends counts instead.
+    uncounted: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.have = bytearray(self.count)
@@ -157,5 +168,6 @@ class Task:
                 del self.zone_holders[piece][host.zone]
 
     def needs_source(self, piece: int) -> bool:
-        """Nobody can serve this piece to a peer: its hash is unknown, or no holder."""
+        """Nobody can serve this piece to a peer: its hash is unknown, or no holder.
+        (``_policy.needs_source`` adds: every holder is failing.)"""
         return self.hashes[piece] is None or not self.holders[piece]

@@ -5,7 +5,16 @@ Endpoints (all JSON):
 * ``POST /api/v1/events`` — one event (``{"type": "Assign", ...}``, see ``_events``);
   answers the :class:`Answer` as JSON (``{"type": "Assignment", ...}``).  400 for a
   malformed event.
+* ``POST /api/v1/preheat`` — ``{"image": "REGISTRY/REPO[:TAG|@DIGEST]", "platform":
+  "os/arch" (optional), and at most one of "nodes": N, "percent": P, "all": true}``
+  (none of them: one node) creates a preheat job (``_preheat``) and answers ``201`` with
+  its status; ``400`` for a bad image, platform or selection, ``409`` when fewer nodes
+  are registered than asked for.
+* ``GET /api/v1/preheat/<id>`` — a job's status and progress per node (404 if unknown);
+  ``GET /api/v1/preheat`` — every job kept.  The preheat endpoints, like events, need
+  the cluster token when one is set.
 * ``GET /healthz`` (alive), ``GET /readyz`` (serving), ``GET /api/v1/stats``.
+* ``GET /metrics``: Prometheus metrics (``scheduler._metrics``).
 
 The clock is trio's (monotonic); a background loop calls :meth:`Scheduler.tick` so hosts
 that stop sending heartbeats expire even when nobody asks.
@@ -15,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,6 +34,7 @@ from typing import NoReturn
 import trio
 
 from p2pdist.clusterauth import check_token
+from p2pdist.errors import InvalidReference
 from p2pdist.httpserver import (
     HTTPError,
     Request,
@@ -32,16 +44,22 @@ from p2pdist.httpserver import (
     raise_open_file_limit,
     serve_http,
 )
+from p2pdist.metrics import metrics_response
 
 from ._codec import decode_event, encode
 from ._config import SchedulerConfig
 from ._core import Scheduler
+from ._metrics import SchedulerMetrics
+from ._preheat import NotEnoughNodes, PreheatError, Selection
 
 __all__ = ["SchedulerService", "run_scheduler", "serve_scheduler"]
 
 log = logging.getLogger("p2pdist.scheduler")
 
 MAX_EVENT_BYTES = 8 << 20
+MAX_PREHEAT_BYTES = 64 << 10
+_PREHEAT_KEYS = frozenset({"image", "platform", "nodes", "percent", "all"})
+_JOB_ID = re.compile(r"ph-[0-9a-f]{16}")
 
 
 @dataclass
@@ -51,6 +69,12 @@ class SchedulerService:
     events: int = 0
     token: str | None = field(default=None, repr=False)
     """The cluster token events must carry (None: no cluster auth)."""
+    metrics: SchedulerMetrics = field(default_factory=SchedulerMetrics)
+
+    def __post_init__(self) -> None:
+        self.metrics.watch(
+            hosts=lambda: len(self.scheduler.hosts), tasks=lambda: len(self.scheduler.tasks)
+        )
 
     def now(self) -> float:
         return trio.current_time()
@@ -66,22 +90,102 @@ class SchedulerService:
             except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nesting
                 raise HTTPError(400, f"invalid event: {str(exc)[:200]}") from None
             self.events += 1
+            started = time.perf_counter()
             answer = self.scheduler.handle(event, self.now())
+            self.metrics.record(type(event).__name__, answer, time.perf_counter() - started)
             return Response.json(encode(answer))
+        if request.path == "/api/v1/preheat" or request.path.startswith("/api/v1/preheat/"):
+            return await self._preheat(request)
         if request.method not in ("GET", "HEAD"):
             raise HTTPError(405, "method not allowed")
-        if request.path in ("/healthz", "/readyz"):
+        if request.path == "/healthz":
             return Response.json({"status": "ok"})
+        if request.path == "/readyz":  # serving: it answers, and decides from what it knows
+            return Response.json({"status": "ok", "hosts": len(self.scheduler.hosts)})
+        if request.path == "/metrics":
+            return await metrics_response([self.metrics.registry])
         if request.path == "/api/v1/stats":
+            now = self.now()
             return Response.json(
                 {
                     "hosts": len(self.scheduler.hosts),
                     "tasks": len(self.scheduler.tasks),
                     "events": self.events,
+                    "preheat_jobs": len(self.scheduler.preheats),
                     "uptime_seconds": round(time.monotonic() - self.started, 1),
+                    # Parents not offered now after failures (ids, sorted; at most 100).
+                    "penalised": sorted(
+                        h.host_id for h in self.scheduler.hosts.values() if h.penalised_until > now
+                    )[:100],
                 }
             )
         raise HTTPError(404, "not found")
+
+    async def _preheat(self, request: Request) -> Response:
+        check_token(request, self.token)
+        if request.path == "/api/v1/preheat":
+            if request.method == "POST":
+                return await self._create_preheat(request)
+            if request.method not in ("GET", "HEAD"):
+                raise HTTPError(405, "use GET or POST", headers=[("Allow", "GET, POST")])
+            now = self.now()
+            return Response.json({"jobs": [j.to_json(now) for j in self.scheduler.preheats.jobs()]})
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "use GET", headers=[("Allow", "GET")])
+        job_id = request.path.removeprefix("/api/v1/preheat/")
+        job = self.scheduler.preheats.get(job_id) if _JOB_ID.fullmatch(job_id) else None
+        if job is None:
+            raise HTTPError(404, f"no preheat job {job_id[:40]!r}", code="PREHEAT_UNKNOWN")
+        return Response.json(job.to_json(self.now()))
+
+    async def _create_preheat(self, request: Request) -> Response:
+        from p2pdist.reference import parse_reference
+        from p2pdist.registry import parse_platform
+
+        raw = await request.read_body(MAX_PREHEAT_BYTES)
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise HTTPError(400, "the body must be a JSON object", code="PREHEAT_INVALID") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the body must be a JSON object", code="PREHEAT_INVALID")
+        unknown = sorted(set(body) - _PREHEAT_KEYS)
+        if unknown:
+            raise HTTPError(
+                400, f"unknown fields {', '.join(unknown)[:200]}", code="PREHEAT_INVALID"
+            )
+        image = body.get("image")
+        if not isinstance(image, str):
+            raise HTTPError(400, "image (a string) is required", code="NAME_INVALID")
+        try:
+            ref = parse_reference(image)
+        except InvalidReference as exc:
+            raise HTTPError(400, str(exc), code="NAME_INVALID") from None
+        platform = body.get("platform") or ""
+        try:
+            if not isinstance(platform, str):
+                raise ValueError("platform must be a string such as linux/amd64")
+            if platform:
+                parse_platform(platform)
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)[:200], code="PLATFORM_INVALID") from None
+        try:
+            selection = Selection.from_json(body)
+            job = self.scheduler.start_preheat(
+                f"ph-{secrets.token_hex(8)}", str(ref), platform, selection, self.now()
+            )
+        except NotEnoughNodes as exc:
+            raise HTTPError(409, str(exc), code="NOT_ENOUGH_NODES") from None
+        except PreheatError as exc:
+            raise HTTPError(400, str(exc), code="PREHEAT_INVALID") from None
+        log.info(
+            "preheat %s: %s on %s: %s",
+            job.job_id,
+            job.image,
+            selection.describe(),
+            ", ".join(job.nodes),
+        )
+        return Response.json(job.to_json(self.now()), status=201)
 
     async def tick_forever(self, interval: float = 1.0) -> NoReturn:
         while True:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 import zstandard
 
 from bench.image import push_blob
@@ -21,6 +22,7 @@ from p2pdist.peer import PeerError, compress_if_worth_it, decompress_piece, fetc
 from p2pdist.peerclient import PeerConnections
 from p2pdist.pieces import PiecePlan
 from p2pdist.store import PieceStore
+from tests.helpers import blob_stored, tmpfs
 
 PIECE = 64 * 1024
 
@@ -160,3 +162,120 @@ async def test_local_api_streams_a_registry_blob(
         assert r.status_code == 400
         r = await client.get(url, params={"registry": registry.host})
         assert r.status_code == 400
+
+
+async def test_disk_full_fails_that_blob_and_other_downloads_go_on(
+    registry: LocalRegistry, tmp_path: Path
+) -> None:
+    """The data dir is a 12 MiB disk.  A 24 MiB blob cannot fit: its request gets a clear
+    507 with an OCI error body, while a 2 MiB blob asked for at the same moment arrives
+    intact; the store holds the small blob complete and nothing of the big one, and asking
+    for the big one again gives the same clear answer (no hang, no half blob)."""
+    big, small = os.urandom(24 << 20), os.urandom(2 << 20)
+    digests = {}
+    for name, data in (("big", big), ("small", small)):
+        digests[name] = "sha256:" + hashlib.sha256(data).hexdigest()
+        push_blob(registry.url, "daemon/full", data, digest=digests[name])
+    with tmpfs(tmp_path / "disk", "12m") as disk:
+        config = NodeConfig(
+            data_dir=disk / "data",
+            peer_listen="127.0.0.1:0",
+            api_listen="127.0.0.1:0",
+            piece_size=PIECE,
+            host_id="full-node",
+        )
+        async with open_daemon(config) as info, httpx.AsyncClient(timeout=60) as client:
+            params = {"registry": registry.host, "repository": "daemon/full"}
+            answers: dict[str, httpx.Response] = {}
+
+            async def fetch(name: str) -> None:
+                url = f"{info.api_url}/api/v1/blobs/{digests[name]}"
+                answers[name] = await client.get(url, params=params)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch, "big")
+                nursery.start_soon(fetch, "small")
+            assert answers["small"].status_code == 200
+            assert answers["small"].content == small
+            r = answers["big"]
+            assert r.status_code == 507, (r.status_code, r.text[:300])
+            error = r.json()["errors"][0]
+            assert "no space" in error["message"].lower(), error
+            store = info.node.store
+            assert (await blob_stored(info.node, Digest.parse(digests["small"]))) is not None
+            assert store.blob_path(Digest.parse(digests["big"])) is None
+            assert str(Digest.parse(digests["big"])) not in map(str, store.list_tasks())
+            # Again: the same clear answer, and the small blob is still served, from disk.
+            url = f"{info.api_url}/api/v1/blobs/{digests['big']}"
+            with trio.fail_after(30):
+                again = await client.get(url, params=params)
+            assert again.status_code == 507
+            r = await client.get(f"{info.api_url}/api/v1/blobs/{digests['small']}", params=params)
+            assert r.status_code == 200 and r.content == small
+
+
+async def test_stream_is_cut_when_a_piece_it_sent_is_unverified(
+    registry: LocalRegistry, tmp_path: Path
+) -> None:
+    """A piece already streamed to a client is then found bad on disk and un-verified
+    (``drop_pieces``, as after a child's bad-piece report): the refetched blob will pass its
+    digest, but the client got the old bytes, so its stream must end short, never whole."""
+    data = os.urandom(48 * PIECE)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    push_blob(registry.url, "daemon/drop", data, digest=digest)
+    config = NodeConfig(
+        data_dir=tmp_path / "data",
+        peer_listen="127.0.0.1:0",
+        api_listen="127.0.0.1:0",
+        piece_size=PIECE,
+        host_id="drop-node",
+        download_rate=1_000_000,  # about 3 s for the blob: time to drop a piece mid-way
+    )
+    async with open_daemon(config) as info, httpx.AsyncClient(timeout=60) as client:
+        params = {"registry": registry.host, "repository": "daemon/drop"}
+        url = f"{info.api_url}/api/v1/blobs/{digest}"
+        got = bytearray()
+        with pytest.raises(httpx.RemoteProtocolError):
+            async with client.stream("GET", url, params=params) as r:
+                assert r.status_code == 200
+                dropped = False
+                async for chunk in r.aiter_raw():
+                    got += chunk
+                    if not dropped and len(got) >= 2 * PIECE:
+                        job = info.node.job(Digest.parse(digest))
+                        assert job is not None and job.task is not None
+                        assert job.task.drop_pieces([0]) == [0]
+                        dropped = True
+        assert 2 * PIECE <= len(got) < len(data)
+        # The node itself refetches the piece and completes the blob intact.
+        path = await blob_stored(info.node, Digest.parse(digest))
+        assert path is not None and path.read_bytes() == data
+
+
+async def test_scheduler_events_over_the_lean_client_keep_one_connection() -> None:
+    """The daemon asks the scheduler through pooled sockets (one or more round trips per
+    piece): answers decode, one connection serves many events, a stale pooled socket is
+    retried on a fresh one, and a refusal keeps its status."""
+    import json
+
+    from scheduler import RegisterHost
+    from scheduler._codec import encode
+    from scheduler.service import serve_scheduler
+
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(serve_scheduler, "127.0.0.1", 0)
+        addr = info.url.removeprefix("http://")
+        conns = PeerConnections()
+        body = json.dumps(encode(RegisterHost("lean", "127.0.0.1:1", "", "t", 4))).encode()
+        for _ in range(5):
+            status, data = await conns.post(addr, "/api/v1/events", body)
+            assert status == 200 and json.loads(data)["type"] == "Ack", data
+        assert len(conns._idle[addr]) == 1  # one socket, reused
+        # The pooled socket dies (as after a scheduler restart): a fresh one is used.
+        await conns._idle[addr][0].aclose()
+        status, data = await conns.post(addr, "/api/v1/events", body)
+        assert status == 200
+        status, data = await conns.post(addr, "/api/v1/events", b"{not json")
+        assert status == 400 and b"errors" in data
+        await conns.aclose()
+        nursery.cancel_scope.cancel()

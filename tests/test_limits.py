@@ -311,7 +311,7 @@ async def test_default_server_limits_are_sane(
         return serve
 
     def daemon_server(handler: Any) -> str:
-        return {"peer": "peer", "api": "api", "handle": "proxy"}[handler.__name__]
+        return {"peer": "peer", "api": "api", "proxy": "proxy"}[handler.__name__]
 
     monkeypatch.setattr(
         daemon_module, "serve_http", recording(daemon_server, daemon_module.serve_http)

@@ -531,6 +531,14 @@ async def test_credentials_never_reach_logs_errors_or_files(
             r = await c.get(path, headers=headers)
             answers.append(r.text if r.status_code != 200 else "")
         await blob_stored(info.node, Digest.parse(image.layer_digests[0]))
+        # What operators scrape and probe: metrics and health, on the API and the proxy.
+        async with httpx.AsyncClient(trust_env=False) as api:
+            for url in (info.api_url, info.proxy_url):
+                for path in ("/metrics", "/readyz", "/healthz"):
+                    r = await api.get(f"{url}{path}")
+                    if r.status_code != 404:
+                        answers.append(r.text)
+        assert "p2pdist_received_bytes_total" in "".join(answers)
     text = caplog.text + "".join(answers) + repr(info.node.config)
     for secret in (AUTH_PASSWORD, client_auth):
         assert secret not in text

@@ -388,3 +388,13 @@ def test_pull_through_the_daemon_swarm_into_docker(
     assert inspected is not None and inspected["Id"] == image.config_digest
     # the CLI kept nothing of its own: it spooled through a temporary directory
     assert not pull.data_dir.exists() or not any(pull.data_dir.rglob("*.partial"))
+
+
+def test_a_failed_pull_leaves_no_partial_blob_in_the_layout(tmp_path: Path) -> None:
+    from p2pdist.pull import _spool_dir
+
+    layout = tmp_path / "layout"
+    with pytest.raises(RuntimeError, match="stream cut"), _spool_dir(layout) as spool:
+        (spool / f".{'a' * 64}.partial").write_bytes(b"half a blob")
+        raise RuntimeError("stream cut")
+    assert list((layout / "blobs" / "sha256").iterdir()) == []

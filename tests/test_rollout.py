@@ -1,10 +1,13 @@
 """``python -m bench rollout``: the figures, the chart and the report from fake results (no
 sockets), then — as root with ip, tc and docker-registry — the emulated network's shaping,
-a small real rollout in both modes, and the clean-up after an interrupt."""
+a small real rollout in both modes, the same with ``--client pull`` (a dockerd per node),
+and the clean-up after an interrupt."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +23,9 @@ from bench.image import make_image
 from bench.localregistry import LocalRegistry
 from bench.rollout import (
     chart_files,
+    client_refusal,
     completion_svg,
+    docker_image_problem,
     percentile,
     registry_bound,
     render_report,
@@ -29,6 +34,7 @@ from bench.rollout import (
     t_min,
     verify_layout,
 )
+from tests.helpers import REGISTRY_MISSING_REASON, registry_installed
 
 MIB = 1 << 20
 MBIT = 1e6 / 8  # bytes/s per Mbit/s
@@ -234,7 +240,11 @@ def test_verify_layout_checks_every_blob(tmp_path: Path) -> None:
 # -- refusing -------------------------------------------------------------------------------
 
 
-def test_client_pull_is_refused_clearly(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_client_pull_is_refused_clearly_without_dockerd(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: None if tool == "dockerd" else "/x")
     rc = rollout_cli(
         nodes=2,
         node_mbit=100,
@@ -245,12 +255,54 @@ def test_client_pull_is_refused_clearly(capsys: pytest.CaptureFixture[str], tmp_
         piece_size=None,
         mode="both",
         client="pull",
-        out=str(tmp_path),
+        out=str(tmp_path / "out"),
         seed=1,
     )
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not supported yet" in err[0]
+    assert len(err) == 1 and "--client pull" in err[0]
+    assert "missing dockerd" in err[0] and "docker.io" in err[0]
+    assert not (tmp_path / "out").exists()  # refused before doing anything
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert "needs root" in (client_refusal("pull") or "")
+    assert client_refusal("get") is None
+    assert "not one of get, pull" in (client_refusal("ctr") or "")
+    # with root and dockerd, but on loopback: no namespace to run a dockerd in
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda tool: "/x")
+    rc = rollout_cli(
+        nodes=2,
+        node_mbit=100,
+        origin_mbit=100,
+        image_size="1MiB",
+        layers=1,
+        layer_format="gzip",
+        piece_size=None,
+        mode="p2p",
+        client="pull",
+        network="loopback",
+        out=str(tmp_path / "out"),
+        seed=1,
+    )
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not with --network loopback" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_docker_image_problem_checks_id_tag_and_layers() -> None:
+    image = make_image(size=64 * 1024, layers=2, layer_format="gzip", seed=3)
+    name = "10.77.0.2:5000/bench/rollout:v1"
+    good = {"Id": image.config_digest, "RepoTags": [name], "RootFS": {"Layers": image.diff_ids}}
+    assert docker_image_problem(good, image, name) is None
+    other = make_image(size=64 * 1024, layers=2, layer_format="gzip", seed=4)
+    wrong_id = {**good, "Id": other.config_digest}
+    assert "want " + image.config_digest in (docker_image_problem(wrong_id, image, name) or "")
+    untagged = {**good, "RepoTags": []}
+    assert "not tagged" in (docker_image_problem(untagged, image, name) or "")
+    short = {**good, "RootFS": {"Layers": image.diff_ids[:1]}}
+    assert "1 layers" in (docker_image_problem(short, image, name) or "")
+    assert docker_image_problem("dockerd has no image x", image, name) == "dockerd has no image x"
 
 
 def test_preflight_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -411,6 +463,156 @@ def test_small_rollout_in_both_modes(tmp_path: Path) -> None:
         assert (out / name).is_file()
     assert (out / "logs" / "p2p" / "n0-daemon.log").is_file()
     assert _leftovers(proc.pid) == ([], [], [])
+
+
+_PULL_REASON = _REASON or client_refusal("pull")
+root_pull = pytest.mark.skipif(
+    _PULL_REASON is not None, reason=f"--client pull (a dockerd per node): {_PULL_REASON}"
+)
+
+
+def _dockerd_roots(logs: Path) -> list[str]:
+    """The private dockerds' directories, from their logs the harness kept."""
+    roots = []
+    for log in sorted(logs.glob("*/n*-dockerd.log")):
+        m = re.search(r"API listen on (\S+)/docker\.sock", log.read_text(errors="replace"))
+        assert m, f"{log}: no 'API listen on'"
+        roots.append(m.group(1))
+    return roots
+
+
+def _processes_naming(paths: list[str]) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if any(p + "/" in cmdline for p in paths):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.integration
+@root_pull
+def test_small_rollout_with_client_pull_loads_every_nodes_dockerd(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "-m", "bench", "rollout", "--nodes", "2", "--node-mbit", "200",
+        "--origin-mbit", "200", "--image-size", "8MiB", "--layers", "2", "--mode", "both",
+        "--client", "pull", "--piece-size", "1MiB", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    result = json.loads((out / "result.json").read_text())
+    image = make_image(size=8 * MIB, layers=2, layer_format="gzip", seed=1)
+    assert result["image"]["manifest_digest"] == image.manifest_digest
+    F = result["image"]["bytes"]
+    assert result["ok"] is True
+    assert result["params"]["client"] == "pull"
+    for mode in ("registry", "p2p"):
+        mr = result["modes"][mode]
+        assert mr["client"] == "pull"
+        nodes = mr["per_node"]
+        # each node's dockerd had REPO:TAG as the image whose id is the config digest
+        assert [n["verified"] for n in nodes] == [True, True], mr["problems"]
+        assert [n["docker_image_id"] for n in nodes] == [image.config_digest] * 2
+        assert all(n["seconds"] and n["seconds"] > 0 for n in nodes)
+        assert all(n["rx_bytes"] >= F for n in nodes)
+        assert all(n["docker_load_s"] is not None for n in nodes)
+        assert mr["dockerd_cpu_seconds"] > 0
+    reg, p2p = result["modes"]["registry"], result["modes"]["p2p"]
+    assert reg["registry_egress_bytes"] >= 0.9 * 2 * F
+    assert p2p["registry_egress_bytes"] < reg["registry_egress_bytes"]
+    assert p2p["from_peers_total"] > 0
+    assert "dockerd" in (out / "report.md").read_text()
+    # every dockerd stopped and its directory removed; nothing else left either
+    roots = _dockerd_roots(out / "logs")
+    assert len(roots) == 4  # two nodes, two modes
+    assert _processes_naming(roots) == []
+    assert not any(Path(r).exists() for r in roots)
+    assert _leftovers(proc.pid) == ([], [], [])
+
+
+@pytest.mark.integration
+@root_pull
+def test_interrupted_client_pull_rollout_stops_every_dockerd(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "-m", "bench", "rollout", "--nodes", "2", "--node-mbit", "20",
+        "--origin-mbit", "20", "--image-size", "24MiB", "--layers", "2", "--mode", "registry",
+        "--client", "pull", "--out", str(out),
+    ]  # fmt: skip
+    log = tmp_path / "log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while b"; go (" not in log.read_bytes():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)
+        spaces, _, _ = _leftovers(proc.pid)
+        inside = {pid for ns in spaces for pid in netns.NetNS(ns).pids()}
+        names = set()
+        for pid in inside:
+            with contextlib.suppress(OSError):  # gone meanwhile
+                names.add(Path(f"/proc/{pid}/comm").read_text().strip())
+        assert "dockerd" in names, names  # running inside the nodes' namespaces
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 130, log.read_text()
+    roots = _dockerd_roots(out / "logs")
+    assert len(roots) == 2
+    assert _processes_naming(roots) == []
+    assert not any(Path(r).exists() for r in roots)
+    assert _leftovers(proc.pid) == ([], [], [])
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not registry_installed(), reason=REGISTRY_MISSING_REASON)
+def test_small_p2p_rollout_on_loopback_without_namespaces(tmp_path: Path) -> None:
+    """The mode that needs no root: nodes on 127.B.1.x limited by their daemons' own
+    rates, the registry behind a counting relay at the origin rate."""
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "-m", "bench", "rollout", "--network", "loopback", "--mode", "p2p",
+        "--nodes", "3", "--node-mbit", "200", "--origin-mbit", "200", "--image-size", "16MiB",
+        "--layers", "4", "--piece-size", "1MiB", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout
+    result = json.loads((out / "result.json").read_text())
+    F = result["image"]["bytes"]
+    assert result["ok"] is True and result["params"]["network"] == "loopback"
+    p2p = result["modes"]["p2p"]
+    assert [n["verified"] for n in p2p["per_node"]] == [True] * 3, p2p["problems"]
+    for n in p2p["per_node"]:
+        assert n["from_registry"] + n["from_peers"] >= F
+        assert n["rx_bytes"] is None  # no interface of its own to count on
+    # The relay counted one copy (and a little HTTP), not three; the limits paced the
+    # transfer (a node cannot take F in faster than its download rate allows).
+    assert F <= p2p["registry_egress_bytes"] <= 1.3 * F
+    assert p2p["from_peers_total"] > 0
+    assert p2p["times"]["ratio_to_t_min"]["max"] >= 0.9
+    assert (out / "report.md").is_file()
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,7 @@ from scheduler import (
     StartTask,
     Unknown,
 )
+from scheduler._policy import needs_source
 
 D = "sha256:" + "d" * 64
 PIECE = 1 << 20
@@ -283,6 +285,35 @@ def test_unreachable_parent_loses_its_source_leases_before_it_expires() -> None:
     assert leased <= set(assign(s, "me", t + 1.0).from_source)
 
 
+def test_a_slow_parent_keeps_its_source_leases() -> None:
+    # Slow pieces bench a parent (it is serving, slowly) but do not mean it is dead: its
+    # source leases stay, or their ranges would leave the registry twice.  Only errors
+    # (peers cannot reach it) count towards losing them.
+    cfg = SchedulerConfig(
+        error_penalty=1.0,
+        slow_penalty=1.0,
+        avoid_after_failures=3,
+        avoid_duration=5.0,
+        heartbeat_timeout=1e9,
+        lease_timeout=1e9,
+    )
+    s = Scheduler(cfg)
+    for h in ("slow", "me"):
+        join(s, h)
+    run = assign(s, "slow").from_source
+    report_source(s, "slow", run[:3])
+    leased = set(run[3:])
+    t = 0.0
+    for reason in ("slow", "slow", "error"):
+        t += 10.0
+        a = assign(s, "me", t, n=1)
+        assert a.from_peers and a.from_peers[0].parent_id == "slow", a
+        s.handle(ReportPieceFailure("me", D, "slow", a.from_peers[0].piece, reason), t)
+    assert len(s.hosts["slow"].failures) == 3  # benched ...
+    assert s.tasks[D].peers["slow"].leases.keys() >= leased  # ... but keeps its leases
+    assert not leased & set(assign(s, "me", t + 1.0).from_source)
+
+
 def test_parent_dying_releases_leases_and_stops_offering_pieces() -> None:
     s = Scheduler(SchedulerConfig(heartbeat_timeout=10.0))
     for h in ("dies", "b", "c"):
@@ -312,6 +343,184 @@ def test_leave_host_releases_everything() -> None:
     assert s.handle(LeaveHost("a"), 1.0) == Ack()  # repeat: harmless
 
 
+# --- endgame: a straggling parent --------------------------------------------------------------
+
+
+def two_seeds_and_me(cfg: SchedulerConfig | None = None) -> Scheduler:
+    """``fast`` and ``slow`` hold every piece (and have slots for all); ``me`` holds none."""
+    s = Scheduler(cfg or SchedulerConfig(heartbeat_timeout=1e9, max_pieces_per_parent=COUNT))
+    for h in ("fast", "slow"):
+        join(s, h, slots=2 * COUNT)
+    join(s, "me")
+    report_source(s, "fast", list(range(COUNT)))
+    s.handle(ReportPieces("slow", D, tuple(range(COUNT)), None), 0.0)
+    return s
+
+
+def from_parent(s: Scheduler, who: str, parent: str, now: float) -> int:
+    """Everything is assigned to ``who``; one of the pieces given from ``parent``."""
+    a = assign(s, who, now, n=COUNT)
+    assert len(a.from_peers) == COUNT, a
+    return next(p.piece for p in a.from_peers if p.parent_id == parent)
+
+
+def test_straggler_is_offered_again_from_another_parent_never_from_its_own() -> None:
+    cfg = SchedulerConfig(
+        heartbeat_timeout=1e9, max_pieces_per_parent=COUNT, slow_penalty=2.0, piece_timeout=15.0
+    )
+    s = two_seeds_and_me(cfg)
+    piece = from_parent(s, "me", "slow", 0.0)
+    pt = s.tasks[D].peers["me"]
+    assert s.handle(ReportPieceFailure("me", D, "slow", piece, "straggler"), 1.0) == Ack()
+    # The assignment is released and the parent penalised (counted: it matched one) ...
+    assert piece not in pt.inflight and pt.stragglers == {piece: "slow"}
+    assert len(s.hosts["slow"].failures) == 1 and s.hosts["slow"].penalised_until == 3.0
+    assert ("me", D, piece) not in s.hosts["slow"].serving
+    # ... and the piece is offered again at once, from the other holder.
+    a = assign(s, "me", 1.0)
+    assert [(p.piece, p.parent_id) for p in a.from_peers] == [(piece, "fast")]
+    # Never from the straggling parent, even once its penalty is over and the other
+    # holder is out of the picture: the host is still fetching it from there.
+    s.handle(ReportPieceFailure("me", D, "fast", piece, "error"), 2.0)
+    for t in (10.0, 11.0):
+        s.handle(Heartbeat("fast", HostLoad(upload_slots_in_use=2 * COUNT)), t)
+        b = assign(s, "me", t)
+        assert b.from_peers == [] and b.from_source == [], b  # wait for the straggler
+    # The straggler's copy arrives first: reported, the record is gone.
+    s.handle(ReportPieces("me", D, (piece,), None), 12.0)
+    assert piece not in pt.stragglers and pt.have[piece]
+
+
+def test_straggler_record_ends_with_its_fetch() -> None:
+    s = two_seeds_and_me()
+    piece = from_parent(s, "me", "slow", 0.0)
+    s.handle(ReportPieceFailure("me", D, "slow", piece, "straggler"), 1.0)
+    failures = len(s.hosts["slow"].failures)
+    # The straggler timed out in the end: reported again (as slow), not counted twice,
+    # and the parent may be named for that piece again (after its penalty).
+    s.handle(ReportPieceFailure("me", D, "slow", piece, "slow"), 2.0)
+    assert s.tasks[D].peers["me"].stragglers == {}
+    assert len(s.hosts["slow"].failures) == failures
+    # Straggler reports about pieces the host holds, or repeated, change nothing more.
+    s.handle(ReportPieces("me", D, (piece,), None), 3.0)
+    s.handle(ReportPieceFailure("me", D, "slow", piece, "straggler"), 3.0)
+    assert s.tasks[D].peers["me"].stragglers == {}
+    assert len(s.hosts["slow"].failures) == failures
+
+
+def test_straggling_sole_holder_is_waited_for_until_it_times_out() -> None:
+    # The only holder of a piece that straggles is often merely busy (the seed everyone
+    # asks at the start of a rollout): not penalised, not benched, the host waits.  A
+    # piece timeout ("slow") counts; benched after three, its pieces go to the registry.
+    cfg = SchedulerConfig(
+        heartbeat_timeout=1e9, slow_penalty=2.0, avoid_after_failures=3, avoid_duration=100.0
+    )
+    s = Scheduler(cfg)
+    for h in ("slow", "me"):
+        join(s, h)
+    report_source(s, "slow", list(range(COUNT)))
+    first = assign(s, "me", 0.0, n=3).from_peers
+    assert len(first) == 2  # max_pieces_per_parent
+    for p in first:
+        s.handle(ReportPieceFailure("me", D, "slow", p.piece, "straggler"), 1.0)
+    assert s.hosts["slow"].penalised_until < 1.0 and not s.hosts["slow"].failures
+    # Serving, slowly: nothing goes to the registry; other pieces still come from it.
+    a = assign(s, "me", 1.0)
+    assert a.from_source == [] and {p.piece for p in a.from_peers}.isdisjoint(
+        {p.piece for p in first}
+    )
+    # The straggling fetches time out (their reports count), then a fresh one does.
+    s.handle(ReportPieceFailure("me", D, "slow", first[0].piece, "slow"), 2.0)
+    s.handle(ReportPieceFailure("me", D, "slow", first[1].piece, "slow"), 2.0)
+    assert len(s.hosts["slow"].failures) == 2
+    t = 2.0 + 2.0 * 2
+    fresh = assign(s, "me", t, n=1).from_peers
+    assert fresh and fresh[0].parent_id == "slow", fresh
+    s.handle(ReportPieceFailure("me", D, "slow", fresh[0].piece, "slow"), t)
+    # Benched (three piece timeouts): its pieces are leased to the registry now.
+    assert s.hosts["slow"].penalised_until == t + 100.0
+    b = assign(s, "me", t + 1.0)
+    assert b.from_peers == [] and b.from_source, b
+
+
+# --- a parent that does not have what it announced ----------------------------------------------
+
+
+def test_missing_piece_drops_the_parents_claims_and_the_hashes_only_it_vouched_for() -> None:
+    s = Scheduler(SchedulerConfig(heartbeat_timeout=1e9, max_pieces_per_parent=COUNT))
+    for h in ("liar", "honest", "me", "other"):
+        join(s, h)
+    # The liar announces the whole blob with hashes of its own; honest really holds 0..2
+    # (whose hashes the liar published first: honest's matching reports are accepted).
+    lies = {i: hashlib.sha256(f"lie{i}".encode()).hexdigest() for i in range(COUNT)}
+    s.handle(Announce("liar", D, SIZE, PIECE, complete=True, hashes=lies), 0.0)
+    s.handle(ReportPieces("honest", D, (0, 1, 2), {i: lies[i] for i in (0, 1, 2)}, True), 0.0)
+    a = assign(s, "me", 0.0, n=COUNT)
+    missing = next(p.piece for p in a.from_peers if p.parent_id == "liar")
+    ans = s.handle(ReportPieceFailure("me", D, "liar", missing, "missing"), 1.0)
+    assert ans == Ack()
+    task = s.tasks[D]
+    liar = task.peers["liar"]
+    assert liar.held == 0 and not liar.complete
+    assert all("liar" not in task.holders[i] for i in range(COUNT))
+    assert len(s.hosts["liar"].failures) == 1 and s.hosts["liar"].penalised_until > 1.0
+    # Hashes others hold stay (the whole-blob check judges them); the rest are withdrawn.
+    assert task.hashes[:3] == [lies[0], lies[1], lies[2]]
+    assert task.hashes[3:] == [None] * (COUNT - 3)
+    # Nobody is sent to the liar again, even after its penalty: the registry has the rest,
+    # and the true hashes a lessee reports are accepted.
+    b = assign(s, "other", 100.0, n=COUNT)
+    assert {p.parent_id for p in b.from_peers} <= {"honest"}
+    assert b.from_source and min(b.from_source) >= 3
+    assert report_source(s, "other", b.from_source, 100.0) == Ack()
+    # A later announcement makes it a holder again (and the next 404 drops it again).
+    s.handle(Announce("liar", D, SIZE, PIECE, complete=True, hashes=lies), 101.0)
+    assert task.peers["liar"].held == COUNT
+
+
+def test_missing_from_a_parent_not_recorded_holding_changes_no_records() -> None:
+    s = two_seeds_and_me()
+    s.handle(LeaveTask("slow", D), 0.0)
+    s.handle(StartTask("slow", D, SIZE, PIECE), 0.0)
+    s.handle(ReportPieces("slow", D, (5,), None), 0.0)
+    s.handle(ReportPieceFailure("me", D, "slow", 0, "missing"), 1.0)  # stale: not held
+    assert s.tasks[D].peers["slow"].have[5]
+    assert s.tasks[D].hashes == [H[i] for i in range(COUNT)]
+
+
+def test_pieces_only_failing_parents_hold_go_to_the_registry() -> None:
+    cfg = SchedulerConfig(
+        heartbeat_timeout=1e9, error_penalty=5.0, refused_penalty=0.5, max_pieces_per_parent=COUNT
+    )
+    s = Scheduler(cfg)
+    for h in ("a", "b", "me"):
+        join(s, h, slots=2 * COUNT)
+    report_source(s, "a", list(range(COUNT)))
+    s.handle(ReportPieces("b", D, tuple(range(1, COUNT)), None), 0.0)  # b lacks piece 0
+    task = s.tasks[D]
+    first = assign(s, "me", 0.0, n=COUNT)
+    assert ("a", 0) in {(p.parent_id, p.piece) for p in first.from_peers}
+    # "a" was full (refused): penalised, not failing - piece 0 waits for it.
+    s.handle(ReportPieceFailure("me", D, "a", 0, "refused"), 0.0)
+    assert not needs_source(task, 0, s.hosts, 0.1, cfg)
+    assert assign(s, "me", 0.1).from_source == []
+    # "a" is unreachable (error): failing for 5 s - piece 0, which only "a" holds, goes
+    # to the registry; piece 1, which "b" holds too, does not.
+    assert [p.parent_id for p in assign(s, "me", 1.0).from_peers] == ["a"]
+    s.handle(ReportPieceFailure("me", D, "a", 0, "error"), 1.0)
+    assert needs_source(task, 0, s.hosts, 1.0, cfg)
+    assert not needs_source(task, 1, s.hosts, 1.0, cfg)
+    assert assign(s, "me", 1.0).from_source == [0]
+    # Once its penalty is over it is a parent again.
+    s.handle(ReportPieceFailure("me", D, None, 0), 1.0)  # the registry fetch failed
+    assert not needs_source(task, 0, s.hosts, 6.5, cfg)
+    assert [(p.parent_id, p.piece) for p in assign(s, "me", 6.5).from_peers] == [("a", 0)]
+    # A piece with more holders than a parent sample is never checked (O(1) per piece).
+    s.hosts["b"].failing_until = 100.0
+    assert needs_source(task, 1, s.hosts, 1.0, cfg)
+    assert not needs_source(task, 1, s.hosts, 1.0, replace(cfg, parent_candidates=1))
+
+
 # --- integrity -------------------------------------------------------------------------------
 
 
@@ -332,7 +541,14 @@ def test_conflicting_hash_rejected_first_wins() -> None:
     ans = s.handle(ReportPieces("b", D, (0,), {0: "e" * 64}, source=True), 0.0)
     assert ans == Ack(rejected=(0,))
     assert s.tasks[D].hashes[0] == H[0]
-    assert not s.tasks[D].peers["b"].have[0]
+    # b keeps its registry bytes for its whole-blob check: recorded as its own only -
+    # never offered from b, never assigned to b again.
+    assert s.tasks[D].peers["b"].have[0] and "b" not in s.tasks[D].holders[0]
+    assert 0 not in assign(s, "b").from_source
+    join(s, "c")
+    assert {p.parent_id for p in assign(s, "c").from_peers if p.piece == 0} <= {"a"}
+    # A peer-fetched report (no hash) of a piece the list knows is accepted as before.
+    assert s.handle(ReportPieces("c", D, (0,), None), 1.0) == Ack()
 
 
 def test_blob_mismatch_drops_hash_list_and_sends_everyone_to_source() -> None:
@@ -464,11 +680,43 @@ def test_last_peer_leaving_forgets_the_task() -> None:
     assert s.handle(Assign("a", D), 0.0) == Unknown("task")
 
 
+def test_a_seed_that_evicted_the_blob_is_no_longer_a_parent() -> None:
+    """A daemon's cache GC evicts a blob and sends LeaveTask: the scheduler stops
+    offering its pieces; with no holder left, a new node goes to the registry."""
+    s = Scheduler(SchedulerConfig(max_pieces_per_parent=COUNT))
+    for h in ("s1", "s2"):
+        join(s, h)
+    seed_with(s, "s1")
+    s.handle(Announce("s2", D, SIZE, PIECE, complete=True), 0.0)
+    assert s.handle(LeaveTask("s1", D), 1.0) == Ack()  # s1 evicted it
+    join(s, "late", 2.0)
+    a = assign(s, "late", 2.0)
+    assert a.from_peers and {p.parent_id for p in a.from_peers} == {"s2"}
+    assert s.handle(LeaveTask("s2", D), 3.0) == Ack()  # and then s2 too
+    s.handle(LeaveTask("late", D), 3.0)
+    join(s, "next", 4.0)
+    a = assign(s, "next", 4.0)
+    assert not a.from_peers and a.from_source
+
+
 # --- property: assignments never break the rules ---------------------------------------------
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["assign", "report", "fail", "bad", "leave", "join", "tick", "mismatch"]),
+        st.sampled_from(
+            [
+                "assign",
+                "report",
+                "fail",
+                "bad",
+                "straggler",
+                "missing",
+                "leave",
+                "join",
+                "tick",
+                "mismatch",
+            ]
+        ),
         st.integers(0, 5),  # host
         st.integers(0, COUNT - 1),  # piece
     ),
@@ -506,10 +754,15 @@ def test_assignments_respect_the_rules(script: list[tuple[str, int, int]]) -> No
             s.handle(ReportPieces(hid, D, (piece,), {piece: H[piece]}, True), now)
         elif op == "mismatch":
             s.handle(BlobMismatch(hid, D), now)
-        elif op in ("fail", "bad"):
+        elif op in ("fail", "bad", "straggler", "missing"):
             parent = f"h{(k + 1) % 6}"
-            reason: FailureReason = "bad_hash" if op == "bad" else "error"
-            s.handle(ReportPieceFailure(hid, D, parent, piece, reason), now)
+            reasons: dict[str, FailureReason] = {
+                "bad": "bad_hash",
+                "fail": "error",
+                "straggler": "straggler",
+                "missing": "missing",
+            }
+            s.handle(ReportPieceFailure(hid, D, parent, piece, reasons[op]), now)
         else:
             a = s.handle(Assign(hid, D, 8), now)
             if not isinstance(a, Assignment):
@@ -517,6 +770,7 @@ def test_assignments_respect_the_rules(script: list[tuple[str, int, int]]) -> No
             task = s.tasks[D]
             for src in a.from_peers:
                 assert src.parent_id != hid
+                assert src.parent_id != task.peers[hid].stragglers.get(src.piece)
                 assert src.parent_id not in task.excluded
                 assert src.parent_id in s.hosts
                 assert now - alive[src.parent_id] < 3.0  # not an expired host
@@ -535,3 +789,22 @@ def test_assignments_respect_the_rules(script: list[tuple[str, int, int]]) -> No
                 for holder in task.holders[i]:
                     assert holder in task.peers and task.peers[holder].have[i]
                     assert holder not in task.excluded and holder in s.hosts
+
+
+def test_pieces_only_a_slow_parent_holds_wait_for_it() -> None:
+    # On a congested link every parent misses the piece timeout now and then: a "slow"
+    # parent is serving, and its pieces must not go to the registry until it is benched.
+    cfg = SchedulerConfig(
+        heartbeat_timeout=1e9, slow_penalty=0.5, avoid_after_failures=3, avoid_duration=100.0
+    )
+    s = Scheduler(cfg)
+    for h in ("a", "me"):
+        join(s, h, slots=2 * COUNT)
+    report_source(s, "a", [0])
+    task = s.tasks[D]
+    assert [(p.parent_id, p.piece) for p in assign(s, "me", 0.0).from_peers] == [("a", 0)]
+    s.handle(ReportPieceFailure("me", D, "a", 0, "slow"), 1.0)
+    assert s.hosts["a"].penalised_until == 1.5  # counted: penalised ...
+    assert not needs_source(task, 0, s.hosts, 1.1, cfg)  # ... but not failing
+    assert 0 not in assign(s, "me", 1.1).from_source
+    assert [(p.parent_id, p.piece) for p in assign(s, "me", 1.6).from_peers] == [("a", 0)]

@@ -270,7 +270,63 @@ def test_corrupted_seed_is_caught_and_cleans_itself(
         assert file_digest(blob) == digest
 
 
-# -- 6. hostile peers ---------------------------------------------------------------------------
+# -- 6. a slow parent (endgame) ---------------------------------------------------------------
+
+
+SLOW_RATE = 1_000_000  # n1's upload in bytes/s, all connections together (~100x below)
+
+
+def test_slow_parent_pieces_are_fetched_elsewhere_endgame(
+    registry: LocalRegistry, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """n0 and n1 both hold the blob, but n1 uploads at 1 MiB/s in all (loopback does some
+    hundreds of MB/s): n2 is given pieces from both, n1's straggle, n2 reports them and
+    fetches them again from n0 (the first copy wins).  n2 must finish in about the time it
+    takes with n0 alone (measured first, on a twin blob), far below the 32 s n1 alone
+    would take, with every byte intact and n1 penalised."""
+    size = 32 * MiB
+    _, fast_digest = push(registry, "swarm/endgame-fast", size, seed=109)
+    _, digest = push(registry, "swarm/endgame", size, seed=110)
+    fast_target = f"{proxy.host}/swarm/endgame-fast@{fast_digest}"
+    target = f"{proxy.host}/swarm/endgame@{digest}"
+    slow_args = {1: ["--upload-rate", str(SLOW_RATE)]}
+    with Cluster(tmp_path / "c", daemons=3, per_daemon_args=slow_args) as c:
+        # n0 holds both blobs; n1 (slow to upload, not to download) holds the second.
+        assert c.get(0, fast_target, tmp_path / "a0").wait(GET_TIMEOUT) == 0, c.log_tails()
+        assert c.get(0, target, tmp_path / "b0").wait(GET_TIMEOUT) == 0, c.log_tails()
+        assert c.get(1, target, tmp_path / "b1").wait(GET_TIMEOUT) == 0, c.log_tails()
+
+        # Without the slow parent: n2 fetches the twin blob, n0 its only parent.
+        started = time.monotonic()
+        assert c.get(2, fast_target, tmp_path / "a2").wait(GET_TIMEOUT) == 0, c.log_tails()
+        fast_wall = time.monotonic() - started
+        fast = c.stats(2, fast_digest)
+
+        # With it.
+        started = time.monotonic()
+        assert c.get(2, target, tmp_path / "b2").wait(GET_TIMEOUT) == 0, c.log_tails()
+        slow_wall = time.monotonic() - started
+        slow = c.stats(2, digest)
+        penalised = c.scheduler_stats()["penalised"]
+        log = c.daemons[2].log_text()
+    assert_outputs([tmp_path / "a0", tmp_path / "a2"], fast_digest)
+    assert_outputs([tmp_path / "b0", tmp_path / "b1", tmp_path / "b2"], digest)
+    alone = size / SLOW_RATE  # seconds n1 alone would take
+    print(
+        f"\nn0 alone: {fast['seconds']:.2f}s ({fast_wall:.2f}s wall); with the slow n1: "
+        f"{slow['seconds']:.2f}s ({slow_wall:.2f}s wall), {slow['stragglers']} stragglers; "
+        f"n1 alone would take ~{alone:.0f}s; penalised: {penalised}\n  fast: {fast}\n  slow: {slow}"
+    )
+    assert fast["from_peers"] == size and slow["from_peers"] == size, (fast, slow)
+    assert slow["stragglers"] >= 1, slow
+    assert "asking for it elsewhere" in log
+    assert "n1" in penalised, penalised
+    assert slow["seconds"] < 3 * fast["seconds"] + 2.0, (fast, slow)
+    assert slow_wall < 3 * fast_wall + 2.0, (fast_wall, slow_wall)
+    assert slow["seconds"] < alone / 4, (slow, alone)
+
+
+# -- 7. hostile peers ---------------------------------------------------------------------------
 
 
 class _FakePeerHandler(BaseHTTPRequestHandler):
@@ -287,6 +343,16 @@ class _FakePeerHandler(BaseHTTPRequestHandler):
             body = b'{"status": "ok"}'
         elif len(parts) == 7 and parts[1:4] == ["peer", "v1", "blobs"] and parts[5] == "pieces":
             index = int(parts[6])
+            with peer.lock:
+                peer.asked.append(index)
+            if peer.answer == "hangup":  # no answer at all: the connection just closes
+                self.close_connection = True
+                return
+            if peer.answer == "404":  # "not verified here": what it announced was a lie
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             start, end = peer.plan.range(index)
             body = peer.data[start:end]
             with peer.lock:
@@ -314,14 +380,18 @@ class _FakePeerHandler(BaseHTTPRequestHandler):
 
 class FakePeer(BackgroundHTTPServer):
     """A hostile 'daemon': it registers with the scheduler directly, announces the blob
-    as complete with the piece hashes it chooses, and serves ``data`` as its pieces."""
+    as complete with the piece hashes it chooses, and serves ``data`` as its pieces
+    (``answer="serve"``), or answers every piece request with a 404 (``"404"``) or by
+    closing the connection (``"hangup"``)."""
 
     handler_class = _FakePeerHandler
 
-    def __init__(self, data: bytes, piece_size: int) -> None:
+    def __init__(self, data: bytes, piece_size: int, answer: str = "serve") -> None:
         super().__init__()
         self.data = data
         self.plan = PiecePlan(len(data), piece_size)
+        self.answer = answer
+        self.asked: list[int] = []
         self.served: list[int] = []
         self.reports: list[str] = []
         self.lock = threading.Lock()
@@ -437,6 +507,63 @@ def test_hostile_peer_wrong_bytes_for_honest_hashes_is_excluded(
         assert s["seconds"] < 2.5, (
             f"8 MiB took {s['seconds']}s after a bad parent: registry ranges {ranges}"
         )
+
+
+@pytest.mark.parametrize(
+    ("answer", "hash_list"),
+    [("404", "true"), ("404", "wrong"), ("hangup", "true"), ("hangup", "wrong")],
+)
+def test_hostile_peer_announcing_what_it_does_not_have_is_dropped(
+    registry: LocalRegistry, proxy: FaultProxy, tmp_path: Path, answer: str, hash_list: str
+) -> None:
+    """The hostile peer announces the whole blob (with the true piece hashes, or with
+    hashes of other bytes) but has none of it: asked for a piece it answers 404, or hangs
+    up.  n0 reports it, the blob comes from the registry, intact and without a stall; the
+    scheduler stops offering the liar, so n1, next, never asks it anything."""
+    size = 8 * MiB
+    data, digest = push(registry, f"swarm/announcer-{answer}-{hash_list}", size, seed=111)
+    wrong, _ = make_blob(size, seed=997)
+    piece_size = piece_size_for(size, MiB)
+    target = f"{proxy.host}/swarm/announcer-{answer}-{hash_list}@{digest}"
+    outs = [tmp_path / "out0", tmp_path / "out1"]
+    with (
+        FakePeer(wrong, piece_size, answer=answer) as evil,
+        Cluster(tmp_path / "c", daemons=2) as c,
+    ):
+        announced = piece_hashes(data if hash_list == "true" else wrong, evil.plan)
+        evil.join(c.scheduler_url, "evil", digest, announced)
+        code = c.get(0, target, outs[0]).wait(GET_TIMEOUT)
+        penalised = c.scheduler_stats()["penalised"]
+        asked = list(evil.asked)
+        s0 = c.stats(0, digest)
+        code1 = c.get(1, target, outs[1]).wait(GET_TIMEOUT)
+        s1 = c.stats(1, digest)
+        log = c.daemons[0].log_text()
+        later = evil.asked[len(asked) :]
+        print(
+            f"\n{answer}, {hash_list} hashes: evil asked for {asked}, then {later}"
+            f"; penalised {penalised}\n  n0: {s0}\n  n1: {s1}"
+        )
+        assert asked, "the hostile peer was never asked: the test staged nothing"
+        assert [code, code1] == [0, 0], c.log_tails()
+        assert_outputs(outs, digest)
+        assert not evil.served
+        # n0 told the scheduler, which no longer offers the liar: n1 never asks it.
+        assert "evil" in penalised, penalised
+        assert evil.asked == asked, "the scheduler offered the hostile peer again"
+        assert s1["from_peers"] > 0 and s1["bad_pieces"] == 0, s1  # the list is right
+        if answer == "404":
+            assert "does not have piece" in log
+        else:
+            assert "from evil failed" in log
+        if (
+            answer == "hangup" and hash_list == "wrong"
+        ):  # hung up: the list stayed until the blob disproved it
+            assert "piece-hash list of" in log and "was poisoned" in log
+        assert registry_bytes(proxy, digest, size) == size
+        # Not one stall on the way: the registry is right there (8 MiB takes ~0.2 s).
+        assert s0["seconds"] < 5, s0
+        assert s0["from_source"] + s0["from_peers"] == size, s0
 
 
 def test_cluster_helper_cleans_up_on_failure(tmp_path: Path) -> None:
