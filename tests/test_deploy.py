@@ -248,6 +248,8 @@ def test_configmap_daemon_config_loads_as_the_pod_would(tmp_path: Path, token: s
     assert config.advertise == FIELD_VALUES["status.hostIP"]
     assert config.host_id == FIELD_VALUES["spec.nodeName"]
     assert config.cluster_token == token  # the Secret's file, through P2PDIST_CLUSTER_TOKEN_FILE
+    # The store is on the node's disk: it must be bounded.
+    assert config.cache_quota is not None and config.cache_ttl is not None
     assert token not in repr(config)
     # The proxy and the local API stay on the node's loopback (the daemon shares the
     # node's network namespace); the peer server listens on the node's addresses.
