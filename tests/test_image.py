@@ -347,6 +347,12 @@ def test_scheduler_and_daemon_containers_serve_a_blob_byte_exact(
             logs = dockerd.docker("logs", name, check=False)
             text = logs.stdout + logs.stderr
             assert token not in text and "traceback" not in text.lower()
+        # PID 1 in each container is p2pdist itself, and it leaves on SIGTERM (what
+        # `docker stop` and Kubernetes send) with status 0, not at the SIGKILL after it.
+        for name in (daemon, sched):
+            dockerd.docker("stop", "--time", "30", name, timeout=90)
+            state = _inspect(dockerd, "container", name)["State"]
+            assert (state["Running"], state["ExitCode"], state["OOMKilled"]) == (False, 0, False)
         print(f"\nmeasured: {json.dumps(MEASURED)}")
     finally:
         dockerd.docker("rm", "--force", "--volumes", sched, daemon, check=False)
