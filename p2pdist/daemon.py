@@ -52,7 +52,7 @@ from .clusterauth import check_token, token_headers
 from .config import DEFAULT_PROXY_LISTEN, NodeConfig, split_hostport
 from .digest import Digest
 from .errors import InvalidDigest, P2PDistError, UsageError
-from .health import check_readiness
+from .health import StoreProbe, check_readiness
 from .httpserver import (
     FileBody,
     HTTPError,
@@ -156,6 +156,7 @@ class _Daemon:
         self.metrics = node.metrics
         self.listeners: dict[str, list[trio.SocketListener] | None] = {}
         """The peer server's and the proxy's sockets (None: off), for ``/readyz``."""
+        self.store_probe = StoreProbe(config.data_dir)
         self.slots = Slots(config.upload_slots)
         self.zstd = CompressionCache()
         # Compressing reads a whole piece and holds its frame: two at a time bound that
@@ -190,6 +191,7 @@ class _Daemon:
             listeners=self.listeners,
             scheduler=self.link.reachable if self.link is not None else None,
             scheduler_configured=self.link is not None,
+            probe=self.store_probe,
         )
         return Response.json(ready.body, ready.status)
 

@@ -7,16 +7,16 @@
 
 Two rules, over :class:`CacheEntry` rows (one per complete blob or partial task):
 
-* **TTL** — a complete blob not used for ``ttl`` seconds (``now - last_used >= ttl``)
-  expires;
+* **TTL** — a blob not used for ``ttl`` seconds (``now - last_used >= ttl``) expires;
 * **quota** — when the bytes held (complete blobs *and* partial tasks) are above
-  ``high × quota``, the least-recently-used complete blobs are evicted until the bytes held
-  are at most ``low × quota`` (between the two watermarks nothing happens: hysteresis).
+  ``high × quota``, the least-recently-used entries are evicted until the bytes held are
+  at most ``low × quota`` (between the two watermarks nothing happens: hysteresis).
 
 An entry that is ``in_use`` (being read: served to a client or a peer, streamed by the
-proxy, hashed; or being downloaded) and every partial task are never evicted; when they
-alone hold more than the low watermark the plan says so (``short``).  No I/O, no clock:
-the caller passes ``now``.
+proxy, hashed; or being downloaded) is never evicted; when such entries alone hold more
+than the low watermark the plan says so (``short``).  A partial task no download has open
+is an abandoned pull (its last use is its last piece written): it goes like a blob.  No
+I/O, no clock: the caller passes ``now``.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ class CacheEntry:
     last_used: float
     """Seconds since the epoch of the last read or completion."""
     in_use: bool = False
+    """Read, or being downloaded, here now: never evicted."""
     complete: bool = True
-    """False for a partial task: counted in the bytes held, never evicted."""
+    """False for a partial task (its last use: its last piece written).  One no download
+    has open is an abandoned pull: it expires and is evicted like a blob."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +83,8 @@ class Eviction:
     digest: str
     size: int
     reason: Literal["expired", "quota"]
+    complete: bool = True
+    """False: an abandoned partial task."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +95,7 @@ class GCPlan:
     after: int
     """Bytes held after them."""
     short: int = 0
-    """Bytes still above the low watermark because what is left is in use (or partial)."""
+    """Bytes still above the low watermark because what is left is in use."""
 
 
 def plan_gc(entries: Iterable[CacheEntry], policy: GCPolicy, *, now: float) -> GCPlan:
@@ -102,13 +106,11 @@ def plan_gc(entries: Iterable[CacheEntry], policy: GCPolicy, *, now: float) -> G
     held = sum(e.size for e in rows)
     evict: list[Eviction] = []
     gone: set[str] = set()
-    candidates = sorted(
-        (e for e in rows if e.complete and not e.in_use), key=lambda e: (e.last_used, e.digest)
-    )
+    candidates = sorted((e for e in rows if not e.in_use), key=lambda e: (e.last_used, e.digest))
     if policy.ttl is not None:
         for e in candidates:
             if now - e.last_used >= policy.ttl:
-                evict.append(Eviction(e.digest, e.size, "expired"))
+                evict.append(Eviction(e.digest, e.size, "expired", e.complete))
                 gone.add(e.digest)
     after = held - sum(e.size for e in evict)
     short = 0
@@ -119,7 +121,7 @@ def plan_gc(entries: Iterable[CacheEntry], policy: GCPolicy, *, now: float) -> G
                 break
             if e.digest in gone:
                 continue
-            evict.append(Eviction(e.digest, e.size, "quota"))
+            evict.append(Eviction(e.digest, e.size, "quota", e.complete))
             gone.add(e.digest)
             after -= e.size
         short = max(0, int(after - target))

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["DEGRADED_MESSAGE", "Readiness", "check_readiness", "probe_writable"]
+__all__ = ["DEGRADED_MESSAGE", "Readiness", "StoreProbe", "check_readiness", "probe_writable"]
 
 DEGRADED_MESSAGE = "degraded: scheduler unreachable, serving from registry/local store"
 
@@ -47,6 +47,25 @@ def probe_writable(root: Path, subdirs: Iterable[str] = STORE_DIRS) -> str | Non
     return None
 
 
+class StoreProbe:
+    """:func:`probe_writable` at most once per ``ttl`` seconds, however many ask at once
+    (``/readyz`` answers on the peer port too, where anyone may call it)."""
+
+    def __init__(self, root: Path, ttl: float = 2.0) -> None:
+        self.root = root
+        self.ttl = ttl
+        self._lock = trio.Lock()
+        self._at = float("-inf")
+        self._problem: str | None = None
+
+    async def check(self) -> str | None:
+        async with self._lock:
+            if trio.current_time() - self._at >= self.ttl:
+                self._problem = await trio.to_thread.run_sync(probe_writable, self.root)
+                self._at = trio.current_time()
+            return self._problem
+
+
 def _open(listeners: Sequence[trio.SocketListener]) -> bool:
     return bool(listeners) and all(lst.socket.fileno() >= 0 for lst in listeners)
 
@@ -64,10 +83,15 @@ async def check_readiness(
     listeners: Mapping[str, Sequence[trio.SocketListener] | None],
     scheduler: bool | None,
     scheduler_configured: bool,
+    probe: StoreProbe | None = None,
 ) -> Readiness:
     """``listeners``: name → its sockets (None: that listener is off).  ``scheduler``:
-    whether the last exchange succeeded (None: none yet)."""
-    problem = await trio.to_thread.run_sync(probe_writable, data_dir)
+    whether the last exchange succeeded (None: none yet).  ``probe``: the store check,
+    cached (else a fresh one)."""
+    if probe is not None:
+        problem = await probe.check()
+    else:
+        problem = await trio.to_thread.run_sync(probe_writable, data_dir)
     store: dict[str, Any] = {"ok": problem is None, "path": str(data_dir)}
     if problem is not None:
         store["error"] = problem

@@ -85,10 +85,27 @@ class Job:
     """Order of arrival on the node: older downloads get piece slots first."""
     digest_ok: bool = False
     """The whole blob matched its digest (set before it is synced and moved into place)."""
+    changes: int = 0
+    """Bumped whenever bytes this job had verified may no longer be its bytes: pieces
+    un-verified (found bad on disk), or the task replaced (a restart under another piece
+    plan).  Only grows, also after the blob is complete: a stream that sent bytes before
+    a change must not finish (see :func:`p2pdist.proxy.stream_job`)."""
 
     def notify(self, *_: object) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def adopt(self, task: Task, attempt: int) -> None:
+        """``task`` is now where this job's bytes go (its first, or a new attempt's)."""
+        if self.task is not None and self.task is not task:
+            self.changes += 1  # what the old task verified is gone
+        self.task, self.plan, self.attempt = task, task.plan, attempt
+        self.digest_ok = False
+
+        def dropped(n: int) -> None:  # any thread; a lost race still changes the count
+            self.changes += n
+
+        task.on_drop = dropped
 
     def verified_prefix(self) -> int:
         """Bytes from the start of the blob that are verified (all of them once done)."""
@@ -98,15 +115,6 @@ class Job:
         if task is None or plan is None or task.closed:
             return 0
         return _prefix(task, plan)
-
-    def generation(self) -> tuple[int, int] | None:
-        """Changes whenever bytes this attempt had verified may no longer be its bytes: the
-        task was replaced (a restart under another piece plan) or pieces were un-verified
-        (found bad on disk).  None once the blob is complete (or between tasks)."""
-        task = self.task
-        if self.path is not None or task is None or task.closed:
-            return None
-        return id(task), task.drops
 
     def open_verified(self, beyond: int = 0) -> tuple[int, int] | None:
         """``(fd, n)``: an open file whose first ``n`` bytes (``n > beyond``) are verified
@@ -344,8 +352,7 @@ class Node:
                 assert path is not None
                 job.plan = PiecePlan(path.stat().st_size, self.config.piece_size)
                 return path
-            job.task, job.plan, job.attempt = task, task.plan, attempt
-            job.digest_ok = False
+            job.adopt(task, attempt)
             self._tasks[digest] = task
 
             def verified(job: Job = job) -> None:  # in commit's worker thread
@@ -425,8 +432,9 @@ class Node:
             plan = plan_gc(entries, policy, now=time.time() if now is None else now)
             for ev in plan.evict:
                 digest = Digest.parse(ev.digest)
+                evict = self.store.evict if ev.complete else self.store.evict_task
                 try:
-                    gone = await trio.to_thread.run_sync(self.store.evict, digest)
+                    gone = await trio.to_thread.run_sync(evict, digest)
                 except StoreError as exc:
                     log.warning("cache GC: %s", exc)
                     continue
@@ -434,7 +442,8 @@ class Node:
                     log.info("cache GC: %s is in use now: kept", digest)
                     continue
                 self.evicted += 1
-                log.info("cache GC: evicted %s (%d bytes, %s)", digest, ev.size, ev.reason)
+                what = "blob" if ev.complete else "abandoned partial download"
+                log.info("cache GC: evicted %s %s (%d bytes, %s)", what, digest, ev.size, ev.reason)
                 await self.forget_blob(digest)
             if plan.short:
                 log.warning(

@@ -171,19 +171,18 @@ async def stream_job(
 async def _stream_job(job: Job, start: int, stop: int) -> AsyncIterator[bytes | FileChunk]:
     sent = start
     attempt = job.attempt
-    generation = job.generation()
+    changes = job.changes
     while sent < stop:
         if job.attempt != attempt and sent > start:
             # The swarm's bytes failed the whole-blob check and the download started
             # over: what was already sent cannot be trusted.  Cut the stream.
             raise HTTPError(502, f"blob {job.digest} failed its digest check; retry")
-        now = job.generation()
-        if now is not None and now != generation:
-            if sent > start and generation is not None:
+        if job.changes != changes:
+            if sent > start:
                 # Pieces we may have sent were un-verified (bad on disk) or the task was
                 # replaced: the bytes sent may not be the blob's.  Cut the stream.
                 raise HTTPError(502, f"blob {job.digest}: verified data changed; retry")
-            generation = now
+            changes = job.changes
         changed = job.changed
         opened = job.open_verified(beyond=sent)
         if opened is not None:

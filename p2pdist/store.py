@@ -455,13 +455,15 @@ class PieceStore:
                 return False
             except OSError as exc:
                 raise _store_error(exc, "evict", path) from exc
-        with contextlib.suppress(OSError):
-            _pieces_file(path).unlink()
+            # Under the lock: a commit of the same digest right after must keep its own.
+            with contextlib.suppress(OSError):
+                _pieces_file(path).unlink()
         return True
 
     def cache_entries(self) -> list[CacheEntry]:
         """What the cache GC looks at: every complete blob (size, last use, whether it is
-        leased or downloading) and every partial task on disk (size, never evictable)."""
+        leased or downloading) and every partial task on disk (size, last piece written,
+        whether a download has it open)."""
         out: list[CacheEntry] = []
         blobs = self.root / "blobs"
         with _mapped("list", blobs):
@@ -480,8 +482,28 @@ class PieceStore:
                 st = (self._task_dir(digest) / "data").stat()
             except OSError:
                 continue
-            out.append(CacheEntry(str(digest), st.st_size, st.st_mtime, True, complete=False))
+            with self._open_lock:
+                busy = digest in self._open or self._leases.get(digest, 0) > 0
+            out.append(CacheEntry(str(digest), st.st_size, st.st_mtime, busy, complete=False))
         return out
+
+    def evict_task(self, digest: Digest) -> bool:
+        """Delete an abandoned partial task (no ``Task`` of this store has it open, no
+        other process holds its lock).  True if it was deleted."""
+        with self._open_lock:
+            if digest in self._open or self._leases.get(digest, 0) > 0:
+                return False
+            if not self._task_dir(digest).is_dir():
+                return False
+            try:
+                lock = _TaskLock(self._lock_file(digest), digest)
+            except TaskBusy:
+                return False
+            try:
+                self._discard_dir(self._task_dir(digest))
+            finally:
+                lock.release(unlink=True)
+        return True
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -641,6 +663,8 @@ class Task:
         self._dir = store._task_dir(digest)
         self._data_fd: int | None = None
         self.on_verified: Callable[[], None] | None = None
+        #: Called with how many verified pieces were just un-verified (any thread).
+        self.on_drop: Callable[[int], None] | None = None
         """Called by :meth:`commit` (in its thread) once the whole blob matched its digest,
         before it is synced and moved into place."""
         self._journal_fd: int | None = None
@@ -655,9 +679,6 @@ class Task:
         self._write_lock = threading.Lock()
         self._hasher = digest.hasher()
         self._hashed = 0  # pieces [0, _hashed) are in _hasher
-        #: Verified pieces un-verified since the task was opened (drop_pieces,
-        #: verify_pieces): a reader that sent bytes before a drop may have sent bad ones.
-        self.drops = 0
         self._hash_buf: bytearray | None = None
 
         if self._try_resume(plan) is None:
@@ -1049,10 +1070,11 @@ class Task:
                     self._verified_count -= 1
                     self._verified_bytes -= self.plan.length(i)
                     dropped.append(i)
-                self.drops += len(dropped)
             if dropped and min(dropped) < self._hashed:
                 self._hasher = self.digest.hasher()
                 self._hashed = 0
+        if dropped and self.on_drop is not None:
+            self.on_drop(len(dropped))
         return dropped
 
     def verify_pieces(self) -> list[int]:
@@ -1088,11 +1110,12 @@ class Task:
                         self._hashes[i] = None
                         self._verified_count -= 1
                         self._verified_bytes -= end - start
-                        self.drops += 1
                     bad.append(i)
             if bad and min(bad) < self._hashed:
                 self._hasher = self.digest.hasher()
                 self._hashed = 0
+        if bad and self.on_drop is not None:
+            self.on_drop(len(bad))
         return bad
 
     # -- commit / close ------------------------------------------------------------------

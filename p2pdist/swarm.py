@@ -494,7 +494,7 @@ class _Swarm:
     async def _decline(self, pp: PieceSource) -> None:
         """An answer given before we reported its parent as a straggler names it again:
         do not pile more on it; the scheduler releases the piece and offers it again."""
-        await self.link.report_failure(self.digest, pp.parent_id, pp.piece, "slow")
+        await self.link.report_failure(self.digest, pp.parent_id, pp.piece, "declined")
         self.changed.set()
 
     async def _from_source(self, run: list[int]) -> None:

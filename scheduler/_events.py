@@ -33,7 +33,7 @@ __all__ = [
     "Unknown",
 ]
 
-FailureReason = Literal["bad_hash", "error", "slow", "refused", "missing", "straggler"]
+FailureReason = Literal["bad_hash", "error", "slow", "refused", "missing", "straggler", "declined"]
 """Why a piece did not come from its parent (the rules are in ``_core``):
 
 - ``bad_hash``: the bytes did not match the piece-hash list;
@@ -42,7 +42,9 @@ FailureReason = Literal["bad_hash", "error", "slow", "refused", "missing", "stra
 - ``refused``: the parent was full (503);
 - ``missing``: the parent does not have the piece it was named for (404, 409);
 - ``straggler``: the piece is taking far longer than the host's other pieces; the
-  fetch goes on, but the host wants the piece from another parent too (endgame).
+  fetch goes on, but the host wants the piece from another parent too (endgame);
+- ``declined``: the host did not start the fetch (an answer given before its straggler
+  report named that parent again): the assignment is released, nothing else.
 """
 PreheatState = Literal["pending", "running", "done", "failed"]
 """A node's part in a preheat job (``_preheat``)."""

@@ -232,10 +232,14 @@ async def test_a_straggling_parents_pieces_are_fetched_again_elsewhere(
     assert sorted(parents.cancelled) == sorted(slow)
     reported = {(p, i) for p, i, reason in link.failures if reason == "straggler"}
     assert reported and reported <= set(slow)
-    assert {(p, i) for p, i, _ in link.failures} <= set(slow)  # ("slow" declines: slow too)
+    # Besides straggler reports only declines (answers asked for before a straggler
+    # report named "slow" again: released, not started, not counted).
+    assert {(p, i) for p, i, r in link.failures if r != "declined"} <= set(slow)
+    assert {p for p, _, r in link.failures if r == "declined"} <= {"slow"}
     assert all(("fast", i) in parents.fetched for _, i in reported)
-    # The scheduler penalised it and holds no straggler record any more.
-    assert s.hosts["slow"].penalised_until > trio.current_time()
+    # Straggling alone is no failure (busy seeds straggle too): not penalised, not
+    # counted; the scheduler holds no straggler record any more.
+    assert not s.hosts["slow"].failures
     assert s.tasks[str(DIGEST)].peers["me"].stragglers == {}
 
 
@@ -297,18 +301,21 @@ async def test_a_lone_slow_parent_with_no_other_holder_is_waited_for(
     assert 1.0 <= took < 5.0, took
 
 
-async def test_a_benched_straggling_sole_holder_leaves_its_piece_to_the_registry(
+async def test_a_straggling_sole_holders_piece_comes_from_the_registry_when_stuck(
     store: PieceStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # "slow" holds everything, "fast" all but piece 0: "slow" straggles on several pieces,
-    # is benched (three counted reports), and piece 0, which only it holds, is leased.
+    # "slow" holds everything, "fast" all but piece 0: "slow"'s pieces that "fast" holds
+    # come from "fast"; piece 0, which only "slow" holds, is waited for (a straggling
+    # sole holder is most often a busy seed) until the download has made no progress for
+    # the stall timeout, then fetched from the registry: once.
+    monkeypatch.setattr(swarm_mod, "STALL_TIMEOUT", 1.0)
     s = scheduler_with("fast", "slow", pieces={"fast": range(1, COUNT)})
     link = LocalLink(s, "me")
     parents = FakeParents(lambda parent, i: 30.0 if parent == "slow" else 0.005)
     _, stats, source, took = await download(store, link, parents, monkeypatch)
     assert blob_ok(store)
-    assert stats.stragglers >= 3 and source.sent == PIECE, (stats, source.sent)
-    assert took < 5.0, took  # ~0.3 s here
+    assert stats.stragglers >= 1 and source.sent == PIECE, (stats, source.sent)
+    assert took < 5.0, took  # the 1 s stall timeout and ~0.3 s
 
 
 @pytest.mark.parametrize("status", [404, None])

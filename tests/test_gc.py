@@ -41,14 +41,18 @@ def test_ttl_expires_blobs_unused_for_that_long_only() -> None:
     assert plan.after == 5
 
 
-def test_ttl_never_expires_a_blob_in_use_or_a_partial_task() -> None:
+def test_ttl_never_expires_a_blob_in_use_or_a_download_in_progress() -> None:
     entries = [
         blob("reading", 5, 0.0, in_use=True),
-        CacheEntry("partial", 5, 0.0, in_use=False, complete=False),
+        CacheEntry("downloading", 5, 0.0, in_use=True, complete=False),
+        CacheEntry("abandoned", 5, 0.0, in_use=False, complete=False),
         blob("idle", 5, 0.0),
     ]
     plan = plan_gc(entries, GCPolicy(ttl=1), now=1000.0)
-    assert [e.digest for e in plan.evict] == ["idle"]
+    assert [(e.digest, e.complete) for e in plan.evict] == [
+        ("abandoned", False),
+        ("idle", True),
+    ]
 
 
 def test_below_the_high_watermark_nothing_is_evicted() -> None:
@@ -239,7 +243,7 @@ def test_a_leased_blob_is_not_evicted_and_an_unleased_one_is(tmp_path: Path) -> 
     assert store.evict(d) is False  # already gone
 
 
-def test_a_partial_task_counts_but_is_never_evictable(tmp_path: Path) -> None:
+def test_a_partial_task_counts_and_goes_only_once_abandoned(tmp_path: Path) -> None:
     store = PieceStore(tmp_path)
     data = os.urandom(200_000)
     d = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
@@ -247,12 +251,17 @@ def test_a_partial_task_counts_but_is_never_evictable(tmp_path: Path) -> None:
     task.write_piece(0, data[: 64 << 10])
     [entry] = store.cache_entries()
     assert (entry.complete, entry.in_use, entry.size) == (False, True, 200_000)
-    assert store.evict(d) is False
-    task.close()
-    [entry] = store.cache_entries()  # left on disk (resumable): still not evictable
-    assert not entry.complete
+    assert store.evict(d) is False and store.evict_task(d) is False  # being downloaded
     plan = plan_gc(store.cache_entries(), GCPolicy(ttl=1, quota=1), now=time.time() + 1e6)
     assert plan.evict == ()
+    task.close()
+    # Left on disk and open nowhere: an abandoned pull, which expires like a blob.
+    [entry] = store.cache_entries()
+    assert (entry.complete, entry.in_use) == (False, False)
+    plan = plan_gc(store.cache_entries(), GCPolicy(ttl=1), now=time.time() + 1e6)
+    assert [(e.digest, e.complete) for e in plan.evict] == [(str(d), False)]
+    assert store.evict_task(d) is True
+    assert store.list_tasks() == [] and store.cache_entries() == []
 
 
 # -- limits that change while transfers wait ---------------------------------------------------

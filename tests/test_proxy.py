@@ -26,6 +26,7 @@ from p2pdist.daemon import DaemonInfo
 from p2pdist.digest import Digest
 from p2pdist.errors import ConfigError
 from p2pdist.httpserver import (
+    FileChunk,
     HTTPError,
     Request,
     Response,
@@ -545,3 +546,43 @@ async def test_credentials_never_reach_logs_errors_or_files(
         for f in (tmp_path / "data").rglob("*"):
             if f.is_file() and f.stat().st_size < (1 << 20):
                 assert secret.encode() not in f.read_bytes(), f
+
+
+async def test_stream_cut_when_a_sent_piece_is_dropped_even_if_the_blob_then_completes(
+    tmp_path: Path,
+) -> None:
+    """Pieces 0-1 are streamed; piece 0 is then found bad on disk (un-verified), fetched
+    again and the blob completes, all before the stream's next pass.  The bytes already
+    sent may be the bad ones: the stream must end short, never as a whole body."""
+    from p2pdist.node import Job
+    from p2pdist.proxy import _stream_job
+    from p2pdist.store import PieceStore
+
+    size = 64 << 10
+    data = os.urandom(4 * size)
+    digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
+
+    def piece(i: int) -> bytes:
+        return data[i * size : (i + 1) * size]
+
+    store = PieceStore(tmp_path / "store")
+    task = store.open_task(digest, len(data), size)
+    job = Job(digest)
+    job.adopt(task, 0)
+    for i in (0, 1):
+        task.write_piece(i, piece(i), hashlib.sha256(piece(i)).hexdigest())
+    stream = _stream_job(job, 0, len(data))
+    first = await stream.__anext__()
+    assert isinstance(first, FileChunk) and first.offset == 0 and first.length == 2 * size
+    first.close()
+    assert task.drop_pieces([0]) == [0]
+    for i in (0, 2, 3):
+        task.write_piece(i, piece(i), hashlib.sha256(piece(i)).hexdigest())
+    job.path = task.commit()
+    task.close()
+    job.digest_ok = True
+    with pytest.raises(HTTPError, match="verified data changed"):
+        async for item in stream:
+            if isinstance(item, FileChunk):
+                item.close()
+    store.close()
