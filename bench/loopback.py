@@ -40,6 +40,8 @@ import trio
 
 from p2pdist.ratelimit import RateLimiter
 
+from .netns import spawn
+
 __all__ = ["LoopbackHost", "LoopbackNetwork", "OriginShaper"]
 
 T = TypeVar("T")
@@ -231,15 +233,7 @@ class LoopbackNetwork:
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` (for ``host``: every host shares this machine's loopback), in a
         session of its own; it is killed by :meth:`close` if still running."""
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=stdin,
-            stdout=log if log is not None else subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            start_new_session=True,
-        )
+        proc = spawn(argv, log=log, stdin=stdin, env=env, cwd=cwd)
         self._procs.append(proc)
         return proc
 

@@ -332,6 +332,27 @@ def node_address(i: int) -> str:
     return f"10.77.{1 + i // 200}.{1 + i % 200}"
 
 
+def spawn(
+    argv: Sequence[str],
+    *,
+    log: IO[bytes] | None = None,
+    stdin: int | None = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a process of the emulated network, output to ``log``, in a session of its
+    own (a Ctrl-C is ours to handle)."""
+    return subprocess.Popen(
+        list(argv),
+        stdin=stdin,
+        stdout=log if log is not None else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
 @dataclass
 class EmulatedNetwork:
     """The star network of the module docstring; a sync context manager."""
@@ -460,15 +481,7 @@ class EmulatedNetwork:
     ) -> subprocess.Popen[bytes]:
         """Start ``argv`` inside ``host``'s namespace, in a session of its own (a Ctrl-C
         is ours to handle); it is killed by :meth:`close` if still running."""
-        proc = subprocess.Popen(
-            [*host.ns.exec_prefix, *argv],
-            stdin=stdin,
-            stdout=log if log is not None else subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            start_new_session=True,
-        )
+        proc = spawn([*host.ns.exec_prefix, *argv], log=log, stdin=stdin, env=env, cwd=cwd)
         self._procs.append(proc)
         return proc
 

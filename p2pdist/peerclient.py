@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import trio
 
@@ -25,6 +26,8 @@ from .errors import NetworkError
 from .http1 import BadHead, ClosedBeforeHead, parse_response_head, read_response_head
 
 __all__ = ["PeerConnections", "PieceResponse"]
+
+T = TypeVar("T")
 
 _HEAD_LIMIT = 16 * 1024
 _LOWAT = 64 * 1024
@@ -104,14 +107,21 @@ class PeerConnections:
     ) -> PieceResponse:
         """``GET path`` from ``addr``; the body (at most ``limit`` bytes) in one buffer.
         Raises NetworkError (``.status`` set for an HTTP answer other than 200)."""
+        return await self._pooled(
+            addr, lambda stream: self._exchange(stream, addr, path, accept_zstd, limit, throttle)
+        )
+
+    async def _pooled(
+        self, addr: str, exchange: Callable[[trio.SocketStream], Awaitable[tuple[T, bool]]]
+    ) -> T:
+        """``exchange`` on a pooled connection to ``addr`` (it says whether the connection
+        may be kept), once more on a fresh one if the pooled one was stale."""
         for attempt in (0, 1):
             stream, reused = await self._connect(addr, fresh=attempt > 0)
             keep = False
             try:
                 try:
-                    response, keep = await self._exchange(
-                        stream, addr, path, accept_zstd, limit, throttle
-                    )
+                    result, keep = await exchange(stream)
                 except _Stale:
                     if reused and attempt == 0:
                         # A pooled connection the parent had closed (idle timeout): the
@@ -119,7 +129,7 @@ class PeerConnections:
                         await self._drop_idle(addr)
                         continue
                     raise _Failed("connection closed before an answer") from None
-                return response
+                return result
             finally:
                 if not (keep and self._keep(addr, stream)):
                     with trio.CancelScope(shield=True):
@@ -132,27 +142,13 @@ class PeerConnections:
         """``POST path`` with a JSON ``body`` to ``addr`` (the scheduler's event API):
         ``(status, answer body)``, the answer at most ``limit`` bytes.  Raises
         NetworkError when there is no usable answer."""
-        for attempt in (0, 1):
-            stream, reused = await self._connect(addr, fresh=attempt > 0)
-            keep = False
-            try:
-                try:
-                    status, data, keep = await self._post_exchange(stream, addr, path, body, limit)
-                except _Stale:
-                    if reused and attempt == 0:
-                        await self._drop_idle(addr)
-                        continue
-                    raise _Failed("connection closed before an answer") from None
-                return status, data
-            finally:
-                if not (keep and self._keep(addr, stream)):
-                    with trio.CancelScope(shield=True):
-                        await stream.aclose()
-        raise AssertionError("unreachable")
+        return await self._pooled(
+            addr, lambda stream: self._post_exchange(stream, addr, path, body, limit)
+        )
 
     async def _post_exchange(
         self, stream: trio.SocketStream, addr: str, path: str, body: bytes, limit: int
-    ) -> tuple[int, bytes, bool]:
+    ) -> tuple[tuple[int, bytes], bool]:
         request = (
             (
                 f"POST {path} HTTP/1.1\r\nHost: {addr}\r\n"
@@ -162,21 +158,7 @@ class PeerConnections:
             + b"\r\n"
             + body
         )
-        try:
-            with trio.fail_after(READ_TIMEOUT):
-                await stream.send_all(request)
-                head, rest = await read_response_head(stream, _HEAD_LIMIT)
-            status, headers = parse_response_head(head)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            raise _Stale() from None
-        except ClosedBeforeHead as exc:
-            if exc.partial:
-                raise _Failed("connection closed inside the answer head") from None
-            raise _Stale() from None
-        except BadHead as exc:
-            raise _Failed(str(exc)) from None
-        except trio.TooSlowError:
-            raise _Failed(f"no answer for {READ_TIMEOUT:.0f}s") from None
+        status, headers, rest = await _send_request(stream, request)
         length = _content_length(headers, status)
         if length > limit:
             raise _Failed(f"answer of {length} bytes, more than {limit}")
@@ -195,7 +177,7 @@ class PeerConnections:
         except trio.TooSlowError:
             raise _Failed(f"no data for {READ_TIMEOUT:.0f}s") from None
         keep = headers.get("connection", "").lower() != "close"
-        return status, bytes(data), keep
+        return (status, bytes(data)), keep
 
     async def _exchange(
         self,
@@ -214,21 +196,7 @@ class PeerConnections:
             + self._extra
             + b"\r\n"
         )
-        try:
-            with trio.fail_after(READ_TIMEOUT):
-                await stream.send_all(request)
-                head, rest = await read_response_head(stream, _HEAD_LIMIT)
-            status, headers = parse_response_head(head)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            raise _Stale() from None
-        except ClosedBeforeHead as exc:
-            if exc.partial:
-                raise _Failed("connection closed inside the answer head") from None
-            raise _Stale() from None
-        except BadHead as exc:
-            raise _Failed(str(exc)) from None
-        except trio.TooSlowError:
-            raise _Failed(f"no answer for {READ_TIMEOUT:.0f}s") from None
+        status, headers, rest = await _send_request(stream, request)
         length = _content_length(headers, status)
         if status != 200:
             raise _Failed(f"answered {status}", status=status)
@@ -264,6 +232,29 @@ class PeerConnections:
         if keep:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return PieceResponse(buf, length, encoding), keep
+
+
+async def _send_request(
+    stream: trio.SocketStream, request: bytes
+) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request``; the answer's status, headers and the bytes read past its head.
+    :class:`_Stale` when the connection failed before any answer."""
+    try:
+        with trio.fail_after(READ_TIMEOUT):
+            await stream.send_all(request)
+            head, rest = await read_response_head(stream, _HEAD_LIMIT)
+        status, headers = parse_response_head(head)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        raise _Stale() from None
+    except ClosedBeforeHead as exc:
+        if exc.partial:
+            raise _Failed("connection closed inside the answer head") from None
+        raise _Stale() from None
+    except BadHead as exc:
+        raise _Failed(str(exc)) from None
+    except trio.TooSlowError:
+        raise _Failed(f"no answer for {READ_TIMEOUT:.0f}s") from None
+    return status, headers, rest
 
 
 def _content_length(headers: Mapping[str, str], status: int) -> int:
