@@ -283,7 +283,8 @@ def test_slow_parent_pieces_are_fetched_elsewhere_endgame(
     hundreds of MB/s): n2 is given pieces from both, n1's straggle, n2 reports them and
     fetches them again from n0 (the first copy wins).  n2 must finish in about the time it
     takes with n0 alone (measured first, on a twin blob), far below the 32 s n1 alone
-    would take, with every byte intact and n1 penalised."""
+    would take, with every byte intact.  (Straggling alone costs n1 nothing at the
+    scheduler: the busy seeds of a rollout straggle too.)"""
     size = 32 * MiB
     _, fast_digest = push(registry, "swarm/endgame-fast", size, seed=109)
     _, digest = push(registry, "swarm/endgame", size, seed=110)
@@ -320,7 +321,6 @@ def test_slow_parent_pieces_are_fetched_elsewhere_endgame(
     assert fast["from_peers"] == size and slow["from_peers"] == size, (fast, slow)
     assert slow["stragglers"] >= 1, slow
     assert "asking for it elsewhere" in log
-    assert "n1" in penalised, penalised
     assert slow["seconds"] < 3 * fast["seconds"] + 2.0, (fast, slow)
     assert slow_wall < 3 * fast_wall + 2.0, (fast_wall, slow_wall)
     assert slow["seconds"] < alone / 4, (slow, alone)
