@@ -999,6 +999,9 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
             n.proc.stdin.close()
         deadline = t0 + s.deadline_s
         pending = list(nodes)
+        # (seconds since t0, registry egress so far, bytes into the nodes so far (-1: no
+        # counters), nodes done): where the links idled
+        timeline: list[tuple[float, int, int, int]] = []
         last_report = last_sample = last_moved = t0
         moved = -STALL_BYTES
         loading = 0.0  # --client pull: CPU seconds of the pending nodes' dockerds
@@ -1015,6 +1018,20 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
                 # heartbeats is not progress).
                 last_sample = now
                 total = sum(_rx_bytes(n.host) for n in pending)
+                timeline.append(
+                    (
+                        round(now - t0, 2),
+                        _origin_counters(net)["tx_bytes"] - origin_before["tx_bytes"],
+                        sum(
+                            _rx_bytes(n.host) - b["rx_bytes"]
+                            for n, b in zip(nodes, node_before, strict=True)
+                            if b
+                        )
+                        if all(node_before)
+                        else -1,
+                        len(nodes) - len(pending),
+                    )
+                )
                 # --client pull: a dockerd loading the image (no bytes on the wire) is
                 # progress too
                 busy = _dockerd_cpu_seconds(pending) if s.client == "pull" else 0.0
@@ -1185,6 +1202,7 @@ def _run_mode(s: _Setup, mode: Mode) -> dict[str, Any]:
         "registry_cpu_seconds": round(reg_cpu, 2),
         "dockerd_cpu_seconds": None if dockerd_cpu is None else round(dockerd_cpu, 2),
         "scheduler_stats": sched_stats,
+        "egress_timeline": timeline,
         "per_node": per_node,
         "problems": problems,
     }
