@@ -14,7 +14,7 @@ from dataclasses import dataclass
 __all__ = ["DEFAULT_PIECE_SIZE", "MAX_PIECES", "MIN_PIECE_SIZE", "PiecePlan", "piece_size_for"]
 
 MIB = 1 << 20
-DEFAULT_PIECE_SIZE = 4 * MIB
+DEFAULT_PIECE_SIZE = 2 * MIB
 MIN_PIECE_SIZE = 64 * 1024
 MAX_PIECE_SIZE = 1 << 30
 MAX_PIECES = 1000

@@ -45,6 +45,13 @@ class SchedulerConfig:
     source_run_pieces: int = 4
     #: Most outstanding source leases one node may hold on one task.
     max_source_leases_per_host: int = 8
+    #: Most pieces of one task leased from the registry at once, all nodes together.
+    #: The origin's uplink is shared by every range in flight: the fewer there are, the
+    #: sooner each piece is whole and can spread from peer to peer (with 64 ranges of
+    #: 4 MiB at once, the first pieces took seconds and the peers' links sat idle).
+    #: The cost: a lessee that dies holds its room until peers' errors bench it or its
+    #: heartbeats stop (``heartbeat_timeout``).
+    max_source_leases_per_task: int = 4
     #: Cap on pieces (from peers and from the source together) in one answer.
     max_pieces_per_assignment: int = 16
     #: Cap on pieces one parent is named for in one answer.
@@ -78,6 +85,7 @@ class SchedulerConfig:
             "source_fanout": self.source_fanout,
             "source_run_pieces": self.source_run_pieces,
             "max_source_leases_per_host": self.max_source_leases_per_host,
+            "max_source_leases_per_task": self.max_source_leases_per_task,
             "max_pieces_per_assignment": self.max_pieces_per_assignment,
             "max_pieces_per_parent": self.max_pieces_per_parent,
             "parent_candidates": self.parent_candidates,

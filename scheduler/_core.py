@@ -421,6 +421,7 @@ class Scheduler:
     def _release_lease(self, task: Task, pt: PeerTask, piece: int) -> None:
         if pt.leases.pop(piece, None) is not None:
             task.leases[piece].pop(pt.host.host_id, None)
+            task.leased_now -= 1
 
     def _release_all_leases(self, host: Host) -> None:
         for digest in host.tasks:
@@ -685,10 +686,12 @@ class Scheduler:
             limit - len(picked),
             cfg.source_run_pieces,
             cfg.max_source_leases_per_host - len(pt.leases),
+            cfg.max_source_leases_per_task - task.leased_now,
         )
         run = _policy.pick_source_run(task, pt, self._hosts, room, now, cfg)
         lease_end = now + cfg.lease_timeout
         shared = hid not in task.excluded  # an excluded host's fetch publishes nothing
+        task.leased_now += len(run)
         for i in run:
             pt.leases[i] = lease_end
             if shared:

@@ -142,6 +142,8 @@ class Task:
     peers: dict[str, PeerTask] = field(default_factory=dict)
     #: Hosts that served a piece not matching the hash list: never offered again here.
     excluded: set[str] = field(default_factory=set)
+    #: Source leases outstanding on the task, all hosts together.
+    leased_now: int = 0
 
     def __post_init__(self) -> None:
         n = self.count

@@ -70,7 +70,7 @@ def seed_with(s: Scheduler, hid: str, now: float = 0.0) -> None:
 
 
 def test_simultaneous_start_leases_each_piece_once_in_contiguous_runs() -> None:
-    s = Scheduler(SchedulerConfig(source_run_pieces=4))
+    s = Scheduler(SchedulerConfig(source_run_pieces=4, max_source_leases_per_task=COUNT))
     for h in ("a", "b", "c"):
         join(s, h)
     runs = {h: assign(s, h).from_source for h in ("a", "b", "c")}
@@ -98,7 +98,9 @@ def test_reported_source_pieces_are_offered_with_their_hashes() -> None:
 
 
 def test_source_fanout_two_leases_each_range_twice_but_new_ranges_first() -> None:
-    s = Scheduler(SchedulerConfig(source_fanout=2, source_run_pieces=6))
+    s = Scheduler(
+        SchedulerConfig(source_fanout=2, source_run_pieces=6, max_source_leases_per_task=2 * COUNT)
+    )
     for h in ("a", "b", "c", "d"):
         join(s, h)
     got = [assign(s, h).from_source for h in ("a", "b", "c", "d")]
@@ -315,7 +317,7 @@ def test_a_slow_parent_keeps_its_source_leases() -> None:
 
 
 def test_parent_dying_releases_leases_and_stops_offering_pieces() -> None:
-    s = Scheduler(SchedulerConfig(heartbeat_timeout=10.0))
+    s = Scheduler(SchedulerConfig(heartbeat_timeout=10.0, max_source_leases_per_task=COUNT))
     for h in ("dies", "b", "c"):
         join(s, h)
     run = assign(s, "dies").from_source
@@ -829,3 +831,19 @@ def test_a_stray_missing_report_does_not_wipe_a_seed() -> None:
     s.handle(ReportPieceFailure("me", D, "slow", 0, "missing"), 1.0)
     assert task.peers["slow"].held == COUNT
     assert all(h is not None for h in task.hashes)
+
+
+def test_a_task_has_at_most_its_cap_of_pieces_leased_at_once() -> None:
+    # The origin's uplink is shared by every range in flight: a few at a time, so each
+    # piece is whole (and can spread between peers) soon.  A reported piece frees room.
+    s = Scheduler(SchedulerConfig(source_run_pieces=2, max_source_leases_per_task=3))
+    for h in ("a", "b", "c"):
+        join(s, h)
+    leased = [assign(s, h).from_source for h in ("a", "b", "c")]
+    assert [len(r) for r in leased] == [2, 1, 0]
+    assert s.tasks[D].leased_now == 3
+    report_source(s, "a", leased[0][:1])
+    assert len(assign(s, "c").from_source) == 1
+    # A host that leaves gives its leases back.
+    s.handle(LeaveHost("b"), 1.0)
+    assert s.tasks[D].leased_now == 2

@@ -40,7 +40,9 @@ def test_parents_dying_mid_rollout() -> None:
     # holding a lease here), not after it expires.
     assert r.registry_bytes <= cfg.blob_size + r.crashed_lease_bytes
     assert r.crashed_lease_bytes <= 2 * SchedulerConfig().source_run_pieces * cfg.piece_size
-    assert r.makespan < 1.6  # 2.2 s when they were waited for until they expired
+    # 2.2 s when they were waited for until they expired; 1.6 s before the per-task cap
+    # on leases (a dead lessee's leases hold room until they are released).
+    assert r.makespan < 1.9
 
 
 def test_late_joiner_fetches_from_peers_at_full_speed() -> None:
