@@ -361,3 +361,62 @@ async def test_a_lease_over_pieces_already_here_fetches_only_the_rest(
     _, stats, source, _ = await download(store, link, parents, monkeypatch)
     assert blob_ok(store)
     assert source.sent == len(DATA) - 2 * PIECE, (source.sent, stats)
+
+
+async def test_pieces_from_parents_make_room_for_a_registry_run(
+    store: PieceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "p" holds pieces 8.. ; 0-7 need the registry.  While a registry run is in flight at
+    # most SOURCE_PEER_FLOWS pieces come from parents at once (the registry's bytes are
+    # the scarce ones); with no run in flight the download's full concurrency is used.
+    s = scheduler_with("p", pieces={"p": range(8, COUNT)})
+    link = LocalLink(s, "me")
+    running = {"source": 0, "peers": 0}
+    seen: list[tuple[int, int]] = []  # (runs, peer fetches) whenever a peer fetch starts
+
+    class SlowSource(BytesSource):
+        @asynccontextmanager
+        async def open_range(
+            self, start: int, end: int | None
+        ) -> AsyncIterator[AsyncIterator[bytes]]:
+            running["source"] += 1
+            try:
+                async with super().open_range(start, end) as chunks:
+
+                    async def slow() -> AsyncIterator[bytes]:
+                        async for chunk in chunks:
+                            await trio.sleep(0.02)
+                            yield chunk
+
+                    yield slow()
+            finally:
+                running["source"] -= 1
+
+    class CountingParents(FakeParents):
+        async def fetch_piece(self, *args: Any, **kw: Any) -> tuple[bytes, int]:
+            running["peers"] += 1
+            seen.append((running["source"], running["peers"]))
+            try:
+                return await super().fetch_piece(*args, **kw)
+            finally:
+                running["peers"] -= 1
+
+    parents = CountingParents(lambda parent, i: 0.02)
+    monkeypatch.setattr(swarm_mod, "fetch_piece", parents.fetch_piece)
+    monkeypatch.setattr(swarm_mod, "HEDGE_MIN", HEDGE_MIN)
+    task = store.open_task(DIGEST, len(DATA), PIECE)
+    source = SlowSource()
+    async with httpx.AsyncClient() as peers:
+        await swarm_download(
+            task,
+            source,  # type: ignore[arg-type]
+            link,
+            peers,
+            concurrency=4,
+            piece_timeout=30.0,
+            fetch_slots=FetchSlots(4),
+            peer_conns=PeerConnections(),
+        )
+    assert blob_ok(store) and source.sent == 8 * PIECE
+    during = [n for runs, n in seen if runs]
+    assert during and max(during) <= swarm_mod.SOURCE_PEER_FLOWS, seen
