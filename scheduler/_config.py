@@ -42,7 +42,7 @@ class SchedulerConfig:
     source_fanout: int = 1
     #: Longest contiguous run of pieces leased to one node in one answer (one Range
     #: request); a node asks again for more.
-    source_run_pieces: int = 4
+    source_run_pieces: int = 2
     #: Most outstanding source leases one node may hold on one task.
     max_source_leases_per_host: int = 8
     #: Most pieces of one task leased from the registry at once, all nodes together.

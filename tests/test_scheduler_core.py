@@ -263,6 +263,7 @@ def test_restarting_a_task_releases_the_hosts_earlier_leases() -> None:
 
 def test_unreachable_parent_loses_its_source_leases_before_it_expires() -> None:
     cfg = SchedulerConfig(
+        source_run_pieces=4,
         error_penalty=1.0,
         avoid_after_failures=3,
         avoid_duration=100.0,
