@@ -43,6 +43,7 @@ __all__ = [
     "parse_duration",
     "parse_rate",
     "parse_size",
+    "read_toml",
     "split_hostport",
 ]
 
@@ -400,6 +401,17 @@ _SIMPLE_KEYS = (
 )
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's table; ConfigError (one line) when it is missing or malformed."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+
+
 def load_node_config(
     path: str | Path | None = None,
     *,
@@ -413,14 +425,7 @@ def load_node_config(
     values: dict[str, Any] = {}
     path = path or env.get("P2PDIST_CONFIG")
     if path:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} not found") from None
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
-        for key, value in raw.items():
+        for key, value in read_toml(path).items():
             if key == "registries":
                 values["registries"] = _registries_from(value)
             elif key in _SIMPLE_KEYS:

@@ -13,14 +13,13 @@ Example ``scheduler.toml`` (every key optional; the names are :class:`SchedulerC
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from p2pdist.clusterauth import read_token
-from p2pdist.config import split_hostport
+from p2pdist.config import read_toml, split_hostport
 from p2pdist.errors import ConfigError
 
 __all__ = ["DEFAULT_LISTEN", "SchedulerConfig", "load_scheduler_config"]
@@ -147,14 +146,7 @@ def load_scheduler_config(
     values: dict[str, Any] = {}
     path = path or env.get("P2PDIST_SCHEDULER_CONFIG")
     if path:
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} not found") from None
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
-        for key, value in raw.items():
+        for key, value in read_toml(path).items():
             if key not in keys:
                 raise ConfigError(f"{path}: unknown key {key!r}")
             values[key] = _typed(key, value, keys[key], str(path))
