@@ -384,6 +384,48 @@ root_net = pytest.mark.skipif(_REASON is not None, reason=f"emulated network: {_
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _bench(argv: list[str], timeout: float) -> tuple[int, str, int]:
+    """``python -m bench ARGV`` to the end: its exit status, its output and its pid."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", *argv],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, output, proc.pid
+
+
+def _bench_until_go(argv: list[str], log: Path, timeout: float) -> subprocess.Popen[bytes]:
+    """``python -m bench ARGV`` started, output to ``log``, returned once its clients were
+    released (and a second more): a run to interrupt."""
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench", *argv],
+            cwd=REPO_ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + timeout
+    try:
+        while b"; go (" not in log.read_bytes():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    time.sleep(1.0)
+    return proc
+
+
 def _leftovers(pid: int) -> tuple[list[str], list[str], list[int]]:
     """Namespaces, host links and processes left by the rollout run as ``pid``."""
     prefix = f"{netns.PREFIX}{pid}-"
@@ -427,22 +469,14 @@ def test_tbf_shapes_each_link_in_both_directions() -> None:
 def test_small_rollout_in_both_modes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = [
-        sys.executable, "-m", "bench", "rollout", "--nodes", "3", "--node-mbit", "200",
+        "rollout", "--nodes", "3", "--node-mbit", "200",
         "--origin-mbit", "200", "--image-size", "16MiB", "--layers", "4", "--mode", "both",
         "--piece-size", "1MiB", "--out", str(out),
     ]  # fmt: skip
     started = time.monotonic()
-    proc = subprocess.Popen(
-        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    rc, output, pid = _bench(argv, timeout=120)
     seconds = time.monotonic() - started
-    assert proc.returncode == 0, output
+    assert rc == 0, output
     assert seconds < 60, output
     result = json.loads((out / "result.json").read_text())
     F = result["image"]["bytes"]
@@ -462,7 +496,7 @@ def test_small_rollout_in_both_modes(tmp_path: Path) -> None:
     for name in ("report.md", "completion.svg", "completion-p2p.svg", "completion-registry.svg"):
         assert (out / name).is_file()
     assert (out / "logs" / "p2p" / "n0-daemon.log").is_file()
-    assert _leftovers(proc.pid) == ([], [], [])
+    assert _leftovers(pid) == ([], [], [])
 
 
 _PULL_REASON = _REASON or client_refusal("pull")
@@ -499,20 +533,12 @@ def _processes_naming(paths: list[str]) -> list[int]:
 def test_small_rollout_with_client_pull_loads_every_nodes_dockerd(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = [
-        sys.executable, "-m", "bench", "rollout", "--nodes", "2", "--node-mbit", "200",
+        "rollout", "--nodes", "2", "--node-mbit", "200",
         "--origin-mbit", "200", "--image-size", "8MiB", "--layers", "2", "--mode", "both",
         "--client", "pull", "--piece-size", "1MiB", "--out", str(out),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, output
+    rc, output, pid = _bench(argv, timeout=180)
+    assert rc == 0, output
     result = json.loads((out / "result.json").read_text())
     image = make_image(size=8 * MIB, layers=2, layer_format="gzip", seed=1)
     assert result["image"]["manifest_digest"] == image.manifest_digest
@@ -540,7 +566,7 @@ def test_small_rollout_with_client_pull_loads_every_nodes_dockerd(tmp_path: Path
     assert len(roots) == 4  # two nodes, two modes
     assert _processes_naming(roots) == []
     assert not any(Path(r).exists() for r in roots)
-    assert _leftovers(proc.pid) == ([], [], [])
+    assert _leftovers(pid) == ([], [], [])
 
 
 @pytest.mark.integration
@@ -548,20 +574,13 @@ def test_small_rollout_with_client_pull_loads_every_nodes_dockerd(tmp_path: Path
 def test_interrupted_client_pull_rollout_stops_every_dockerd(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = [
-        sys.executable, "-m", "bench", "rollout", "--nodes", "2", "--node-mbit", "20",
+        "rollout", "--nodes", "2", "--node-mbit", "20",
         "--origin-mbit", "20", "--image-size", "24MiB", "--layers", "2", "--mode", "registry",
         "--client", "pull", "--out", str(out),
     ]  # fmt: skip
     log = tmp_path / "log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
+    proc = _bench_until_go(argv, log, timeout=90)
     try:
-        deadline = time.monotonic() + 90
-        while b"; go (" not in log.read_bytes():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        time.sleep(1.0)
         spaces, _, _ = _leftovers(proc.pid)
         inside = {pid for ns in spaces for pid in netns.NetNS(ns).pids()}
         names = set()
@@ -590,15 +609,12 @@ def test_small_p2p_rollout_on_loopback_without_namespaces(tmp_path: Path) -> Non
     rates, the registry behind a counting relay at the origin rate."""
     out = tmp_path / "out"
     argv = [
-        sys.executable, "-m", "bench", "rollout", "--network", "loopback", "--mode", "p2p",
+        "rollout", "--network", "loopback", "--mode", "p2p",
         "--nodes", "3", "--node-mbit", "200", "--origin-mbit", "200", "--image-size", "16MiB",
         "--layers", "4", "--piece-size", "1MiB", "--out", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(
-        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout
+    rc, output, _ = _bench(argv, timeout=120)
+    assert rc == 0, output
     result = json.loads((out / "result.json").read_text())
     F = result["image"]["bytes"]
     assert result["ok"] is True and result["params"]["network"] == "loopback"
@@ -621,20 +637,13 @@ def test_small_p2p_rollout_on_loopback_without_namespaces(tmp_path: Path) -> Non
 def test_interrupted_rollout_leaves_nothing(tmp_path: Path, sig: signal.Signals) -> None:
     # Slow links, so that the registry-mode pull is still running when the signal comes.
     argv = [
-        sys.executable, "-m", "bench", "rollout", "--nodes", "2", "--node-mbit", "20",
+        "rollout", "--nodes", "2", "--node-mbit", "20",
         "--origin-mbit", "20", "--image-size", "24MiB", "--layers", "2", "--mode", "both",
         "--out", str(tmp_path / "out"),
     ]  # fmt: skip
     log = tmp_path / "log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
+    proc = _bench_until_go(argv, log, timeout=60)
     try:
-        deadline = time.monotonic() + 60
-        while b"; go (" not in log.read_bytes():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        time.sleep(1.0)
         spaces, _, procs = _leftovers(proc.pid)
         assert len(spaces) == 5 and procs  # bridge, origin, scheduler, 2 nodes; clients
         proc.send_signal(sig)
