@@ -187,11 +187,10 @@ class _Daemon:
             return Response.json({"status": "ok", "host_id": self.info.host_id})
         ready = await check_readiness(
             host_id=self.info.host_id,
-            data_dir=self.config.data_dir,
+            probe=self.store_probe,
             listeners=self.listeners,
             scheduler=self.link.reachable if self.link is not None else None,
             scheduler_configured=self.link is not None,
-            probe=self.store_probe,
         )
         return Response.json(ready.body, ready.status)
 

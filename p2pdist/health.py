@@ -79,19 +79,16 @@ class Readiness:
 async def check_readiness(
     *,
     host_id: str,
-    data_dir: Path,
+    probe: StoreProbe,
     listeners: Mapping[str, Sequence[trio.SocketListener] | None],
     scheduler: bool | None,
     scheduler_configured: bool,
-    probe: StoreProbe | None = None,
 ) -> Readiness:
-    """``listeners``: name → its sockets (None: that listener is off).  ``scheduler``:
-    whether the last exchange succeeded (None: none yet).  ``probe``: the store check,
-    cached (else a fresh one)."""
-    if probe is not None:
-        problem = await probe.check()
-    else:
-        problem = await trio.to_thread.run_sync(probe_writable, data_dir)
+    """``probe``: the (cached) store check.  ``listeners``: name → its sockets (None: that
+    listener is off).  ``scheduler``: whether the last exchange succeeded (None: none
+    yet)."""
+    problem = await probe.check()
+    data_dir = probe.root
     store: dict[str, Any] = {"ok": problem is None, "path": str(data_dir)}
     if problem is not None:
         store["error"] = problem

@@ -425,7 +425,11 @@ class PieceStore:
     def in_use(self, digest: Digest) -> bool:
         """Leased, or a ``Task`` of it is open in this process."""
         with self._open_lock:
-            return self._leases.get(digest, 0) > 0 or digest in self._open
+            return self._busy_locked(digest)
+
+    def _busy_locked(self, digest: Digest) -> bool:
+        """:meth:`in_use`, the caller holding ``_open_lock``."""
+        return self._leases.get(digest, 0) > 0 or digest in self._open
 
     def touch(self, digest: Digest) -> None:
         """Record that the complete blob was used now (its atime; the mtime, which seals
@@ -447,7 +451,7 @@ class PieceStore:
         downloaded here.  True if it was deleted."""
         path = self._blob_file(digest)
         with self._open_lock:
-            if self._leases.get(digest, 0) > 0 or digest in self._open:
+            if self._busy_locked(digest):
                 return False
             try:
                 path.unlink()
@@ -483,7 +487,7 @@ class PieceStore:
             except OSError:
                 continue
             with self._open_lock:
-                busy = digest in self._open or self._leases.get(digest, 0) > 0
+                busy = self._busy_locked(digest)
             out.append(CacheEntry(str(digest), st.st_size, st.st_mtime, busy, complete=False))
         return out
 
@@ -491,7 +495,7 @@ class PieceStore:
         """Delete an abandoned partial task (no ``Task`` of this store has it open, no
         other process holds its lock).  True if it was deleted."""
         with self._open_lock:
-            if digest in self._open or self._leases.get(digest, 0) > 0:
+            if self._busy_locked(digest):
                 return False
             if not self._task_dir(digest).is_dir():
                 return False

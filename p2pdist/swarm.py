@@ -266,7 +266,6 @@ class _Swarm:
         self.disputed: set[int] = set()
         self.slots = trio.Semaphore(concurrency)
         self.source_runs = 0  # registry runs in flight
-        self.peer_flows = 0  # piece fetches from parents in flight (stragglers too)
         self.room = trio.Event()  # set when either goes down
         self.changed = trio.Event()
         self.pending_peer: list[int] = []
@@ -439,9 +438,12 @@ class _Swarm:
         while self.source_runs and self.peer_flows >= SOURCE_PEER_FLOWS:
             await self.room.wait()
 
+    @property
+    def peer_flows(self) -> int:
+        """Piece fetches from parents in flight (stragglers too)."""
+        return sum(map(len, self.fetches.values()))
+
     def _fetch_ended(self, fetch: _PeerFetch) -> None:
-        self.peer_flows -= 1
-        self._room_changed()
         index = fetch.source.piece
         running = self.fetches.get(index)
         if running is not None and fetch in running:
@@ -449,6 +451,7 @@ class _Swarm:
             if not running:
                 del self.fetches[index]
         self._hand_back(fetch)
+        self._room_changed()
 
     def _hand_back(self, fetch: _PeerFetch) -> None:
         """Give back the fetch's slots (once)."""
@@ -648,7 +651,6 @@ class _Swarm:
             fetch = _PeerFetch(pp)
             self.fetches.setdefault(pp.piece, []).append(fetch)
             self.inflight.add(pp.piece)
-            self.peer_flows += 1
             workers.start_soon(self._from_parent, fetch)
             started += 1
         return started

@@ -118,7 +118,7 @@ from __future__ import annotations
 import heapq
 import random
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -161,6 +161,14 @@ _LEASE = 0
 _INFLIGHT = 1
 # (deadline, seq, kind, host_id, digest, piece, epoch)
 _Timer = tuple[float, int, int, str, str, int, int]
+
+
+def _recent(times: deque[float], now: float, window: float) -> int:
+    """Record an event at ``now`` in ``times``; how many fell within the last ``window``."""
+    times.append(now)
+    while times and times[0] <= now - window:
+        times.popleft()
+    return len(times)
 
 
 class Scheduler:
@@ -470,7 +478,6 @@ class Scheduler:
             self._release_lease(task, pt, i)
             self._release_inflight(task, pt, i)
             pt.stragglers.pop(i, None)
-            pt.uncounted.discard(i)
             h = hashes.get(i) if hashes is not None else None
             if h is not None and _HEX64.fullmatch(h) is None:
                 rejected.append(i)
@@ -525,7 +532,6 @@ class Scheduler:
                     task.publishers[i] = pt.host.host_id
         pt.complete = True
         pt.stragglers.clear()
-        pt.uncounted.clear()
         for i in list(pt.leases):
             self._release_lease(task, pt, i)
         for i in list(pt.inflight):
@@ -542,7 +548,6 @@ class Scheduler:
         task.excluded.clear()
         for pt in task.peers.values():
             pt.stragglers.clear()
-            pt.uncounted.clear()
             for i in list(pt.leases):
                 self._release_lease(task, pt, i)
             for i in list(pt.inflight):
@@ -571,14 +576,11 @@ class Scheduler:
         if ev.reason == "straggler":
             if not pt.have[piece]:
                 pt.stragglers[piece] = ev.parent_id
-                pt.uncounted.add(piece)
         elif ev.reason != "declined" and pt.stragglers.get(piece) == ev.parent_id:
             del pt.stragglers[piece]  # that fetch is over
-            if piece in pt.uncounted:
-                # The straggler report released its assignment without counting: how
-                # the fetch ended (a piece timeout, an error) counts instead.
-                pt.uncounted.discard(piece)
-                matched = matched or ev.reason != "refused"
+            # The straggler report released its assignment without counting: how the
+            # fetch ended (a piece timeout, an error) counts instead.
+            matched = matched or ev.reason != "refused"
         parent = self._hosts.get(ev.parent_id)
         if ev.reason == "bad_hash":
             self._exclude(task, ev.parent_id, piece)
@@ -589,9 +591,7 @@ class Scheduler:
         elif ev.reason == "error":
             self._penalise(parent, now, cfg.error_penalty, counted=matched)
             if matched:
-                parent.errors.append(now)
-                while parent.errors and parent.errors[0] <= now - cfg.failure_window:
-                    parent.errors.popleft()
+                _recent(parent.errors, now, cfg.failure_window)
             if matched and len(parent.errors) >= cfg.avoid_after_failures:
                 # Peers cannot reach it: it may be dead, and a dead host's source leases
                 # would hold its ranges back until it expires.  Re-lease them now (if it
@@ -652,10 +652,7 @@ class Scheduler:
         cfg = self.config
         duration = base
         if counted:
-            host.failures.append(now)
-            while host.failures and host.failures[0] <= now - cfg.failure_window:
-                host.failures.popleft()
-            n = len(host.failures)
+            n = _recent(host.failures, now, cfg.failure_window)
             benched = n >= cfg.avoid_after_failures
             duration = cfg.avoid_duration if benched else min(base * 2 ** (n - 1), cfg.max_penalty)
             if failing or benched:

@@ -108,9 +108,6 @@ class PeerTask:
     #: Pieces the host reported as stragglers and is still fetching from that parent
     #: (endgame): piece -> parent id, never named again for that piece to this host.
     stragglers: dict[int, str] = field(default_factory=dict)
-    #: Those of them whose report did not count against the parent (it was the only
-    #: holder): how the fetch ends counts instead.
-    uncounted: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.have = bytearray(self.count)
