@@ -582,7 +582,9 @@ def _cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def _proc_cpu_seconds(pid: int | None) -> float:
+def _proc_cpu_seconds(pid: int | None, *, children: bool = False) -> float:
+    """CPU seconds of process ``pid`` (and, with ``children``, of the children it waited
+    for); 0 when it is gone."""
     if pid is None:
         return 0.0
     try:
@@ -590,7 +592,8 @@ def _proc_cpu_seconds(pid: int | None) -> float:
     except OSError:
         return 0.0
     fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = fields[11:15] if children else fields[11:13]
+    return sum(int(v) for v in ticks) / os.sysconf("SC_CLK_TCK")
 
 
 def _origin_counters(net: Network) -> dict[str, int]:
@@ -769,17 +772,9 @@ def _dockerd_cpu_seconds(nodes: Sequence[_Node]) -> float:
     """CPU seconds of every node's dockerd and of the children it waited for (each layer
     is unpacked by a re-executed ``docker-applyLayer`` child); containerd plays no part in
     a load."""
-    total = 0.0
-    for n in nodes:
-        if n.dockerd is None or n.dockerd.pid is None:
-            continue
-        try:
-            stat = Path(f"/proc/{n.dockerd.pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(
+        _proc_cpu_seconds(n.dockerd.pid if n.dockerd else None, children=True) for n in nodes
+    )
 
 
 def _fetch_seconds(client_log: str) -> float | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -177,13 +178,7 @@ async def test_disk_full_fails_that_blob_and_other_downloads_go_on(
         digests[name] = "sha256:" + hashlib.sha256(data).hexdigest()
         push_blob(registry.url, "daemon/full", data, digest=digests[name])
     with tmpfs(tmp_path / "disk", "12m") as disk:
-        config = NodeConfig(
-            data_dir=disk / "data",
-            peer_listen="127.0.0.1:0",
-            api_listen="127.0.0.1:0",
-            piece_size=PIECE,
-            host_id="full-node",
-        )
+        config = replace(_config(disk), host_id="full-node")
         async with open_daemon(config) as info, httpx.AsyncClient(timeout=60) as client:
             params = {"registry": registry.host, "repository": "daemon/full"}
             answers: dict[str, httpx.Response] = {}
@@ -223,14 +218,8 @@ async def test_stream_is_cut_when_a_piece_it_sent_is_unverified(
     data = os.urandom(48 * PIECE)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     push_blob(registry.url, "daemon/drop", data, digest=digest)
-    config = NodeConfig(
-        data_dir=tmp_path / "data",
-        peer_listen="127.0.0.1:0",
-        api_listen="127.0.0.1:0",
-        piece_size=PIECE,
-        host_id="drop-node",
-        download_rate=1_000_000,  # about 3 s for the blob: time to drop a piece mid-way
-    )
+    # About 3 s for the blob at 1 MB/s: time to drop a piece mid-way.
+    config = replace(_config(tmp_path), host_id="drop-node", download_rate=1_000_000)
     async with open_daemon(config) as info, httpx.AsyncClient(timeout=60) as client:
         params = {"registry": registry.host, "repository": "daemon/drop"}
         url = f"{info.api_url}/api/v1/blobs/{digest}"

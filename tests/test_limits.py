@@ -45,6 +45,7 @@ from p2pdist.store import PieceStore
 from scheduler.service import serve_scheduler
 from tests.faultproxy import FaultProxy
 from tests.helpers import blob_stored
+from tests.test_swarm import registry_bytes
 
 PIECE = 256 * 1024
 NO_DOCKER_CONFIG = Path("/nonexistent/p2pdist-test/config.json")
@@ -405,25 +406,6 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _range_len(header: str, size: int) -> int:
-    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header)
-    assert m is not None, header
-    first, last = m.groups()
-    if not first:
-        return min(int(last), size)
-    end = int(last) + 1 if last else size
-    return min(end, size) - int(first)
-
-
-def upstream_bytes(proxy: FaultProxy, digest: str, size: int) -> int:
-    """Bytes of the blob the upstream was asked for (ranged GETs by their Range)."""
-    total = 0
-    for r in proxy.records("GET", f"/blobs/{digest}"):
-        rng = r.headers.get("range")
-        total += _range_len(rng, size) if rng else size
-    return total
-
-
 async def _fetch_all(
     base: str,
     targets: list[tuple[str, str]],
@@ -476,7 +458,7 @@ async def test_proxy_holds_200_concurrent_blob_requests(
             results = await _fetch_all(base, targets, timeout=60)
             same_seconds = time.monotonic() - started
             assert results == [(200, same_digest)] * 200
-            assert upstream_bytes(upstream, same_digest, len(same)) == len(same)  # once
+            assert registry_bytes(upstream, same_digest, len(same)) == len(same)  # once
             await blob_stored(s.info.node, Digest.parse(same_digest))
             stats = s.info.node.stats[Digest.parse(same_digest)]
             assert stats.from_source == len(same)
@@ -488,7 +470,7 @@ async def test_proxy_holds_200_concurrent_blob_requests(
             mixed_seconds = time.monotonic() - started
             assert results == [(200, d) for _, d in targets]
             for data, digest in zip(others, other_digests, strict=True):
-                assert upstream_bytes(upstream, digest, len(data)) == len(data), digest
+                assert registry_bytes(upstream, digest, len(data)) == len(data), digest
 
             # 3. every connection and file the requests used is released
             pool = max(8, s.info.node.config.concurrency * 2)  # pooled upstream sockets

@@ -405,7 +405,7 @@ def test_straggler_record_ends_with_its_fetch() -> None:
     s.handle(ReportPieceFailure("me", D, "slow", piece, "slow"), 2.0)
     assert s.tasks[D].peers["me"].stragglers == {}
     failures = len(s.hosts["slow"].failures)
-    assert failures == 1 and s.hosts["slow"].penalised_until == 4.0
+    assert failures == 1 and s.hosts["slow"].penalised_until == 2.0 + SchedulerConfig().slow_penalty
     # Straggler reports about pieces the host holds, or repeated, change nothing more.
     s.handle(ReportPieces("me", D, (piece,), None), 3.0)
     s.handle(ReportPieceFailure("me", D, "slow", piece, "straggler"), 3.0)
@@ -438,12 +438,12 @@ def test_straggling_sole_holder_is_waited_for_until_it_times_out() -> None:
     s.handle(ReportPieceFailure("me", D, "slow", first[0].piece, "slow"), 2.0)
     s.handle(ReportPieceFailure("me", D, "slow", first[1].piece, "slow"), 2.0)
     assert len(s.hosts["slow"].failures) == 2
-    t = 2.0 + 2.0 * 2
+    t = 2.0 + 2 * cfg.slow_penalty  # the doubled penalty of the second is over
     fresh = assign(s, "me", t, n=1).from_peers
     assert fresh and fresh[0].parent_id == "slow", fresh
     s.handle(ReportPieceFailure("me", D, "slow", fresh[0].piece, "slow"), t)
     # Benched (three piece timeouts): its pieces are leased to the registry now.
-    assert s.hosts["slow"].penalised_until == t + 100.0
+    assert s.hosts["slow"].penalised_until == t + cfg.avoid_duration
     b = assign(s, "me", t + 1.0)
     assert b.from_peers == [] and b.from_source, b
 
@@ -809,7 +809,7 @@ def test_pieces_only_a_slow_parent_holds_wait_for_it() -> None:
     task = s.tasks[D]
     assert [(p.parent_id, p.piece) for p in assign(s, "me", 0.0).from_peers] == [("a", 0)]
     s.handle(ReportPieceFailure("me", D, "a", 0, "slow"), 1.0)
-    assert s.hosts["a"].penalised_until == 1.5  # counted: penalised ...
+    assert s.hosts["a"].penalised_until == 1.0 + cfg.slow_penalty  # counted: penalised ...
     assert not needs_source(task, 0, s.hosts, 1.1, cfg)  # ... but not failing
     assert 0 not in assign(s, "me", 1.1).from_source
     assert [(p.parent_id, p.piece) for p in assign(s, "me", 1.6).from_peers] == [("a", 0)]
