@@ -47,7 +47,8 @@ Assignments (``Assign`` -> ``Assignment``)
        leased to it and have a known hash and a holder, rarest first; each from the best
        of a sample of its holders (same zone first, least busy, below its upload slots,
        not penalised, not excluded, never the asker, never the parent the asker still
-       fetches that piece from as a straggler), at most ``max_pieces_per_parent`` per
+       fetches that piece from as a straggler, not already sending that piece to
+       ``max_uploads_per_piece`` children), at most ``max_pieces_per_parent`` per
        parent.  Assigned pieces count as uploads of the parent until the asker reports
        them, reports a failure, or ``piece_timeout`` passes.
     2. Then, with the room left, one contiguous run (``source_run_pieces``) of pieces that
@@ -340,6 +341,7 @@ class Scheduler:
             if task is not None and pt is not None:
                 self._release_inflight(task, pt, piece)
         host.serving.clear()
+        host.piece_uploads.clear()
 
     # --- preheat -------------------------------------------------------------------
 
@@ -444,7 +446,7 @@ class Scheduler:
         if entry is not None:
             parent = self._hosts.get(entry[0])
             if parent is not None:
-                parent.serving.discard((pt.host.host_id, task.digest, piece))
+                parent.unserve(pt.host.host_id, task.digest, piece)
 
     def _set_held(self, task: Task, pt: PeerTask, i: int) -> None:
         if not pt.have[i]:
@@ -673,7 +675,7 @@ class Scheduler:
         deadline = now + cfg.piece_timeout
         for i, parent in picked:
             pt.inflight[i] = (parent.host_id, deadline)
-            parent.serving.add((hid, task.digest, i))
+            parent.serve(hid, task.digest, i)
             self._timer(deadline, _INFLIGHT, hid, task, i)
             from_peers.append(PieceSource(i, parent.host_id, parent.addr))
             h = task.hashes[i]

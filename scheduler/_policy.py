@@ -4,9 +4,10 @@
   known, at least one holder), rarest first (ties broken by a random rotation so that
   simultaneous askers spread), each given the best of a bounded random sample of its
   holders: same zone sampled first, then everyone; a candidate must not be the asker,
-  excluded, penalised, at its upload slots, already named ``max_pieces_per_parent``
-  times in this answer, or the parent the asker is still fetching that piece from as a
-  straggler (``PeerTask.stragglers``); the lowest :func:`parent_score` wins.
+  excluded, penalised, at its upload slots, already sending that piece to
+  ``max_uploads_per_piece`` children, already named ``max_pieces_per_parent`` times in
+  this answer, or the parent the asker is still fetching that piece from as a straggler
+  (``PeerTask.stragglers``); the lowest :func:`parent_score` wins.
 - :func:`pick_source_run`: the first contiguous run of pieces that need the registry
   (:func:`needs_source`: hash unknown, no holder, or every holder failing), are not
   held, assigned or leased to the asker, and have the fewest leases below
@@ -44,6 +45,7 @@ def _usable(
     now: float,
     cfg: SchedulerConfig,
     avoid: str | None = None,
+    piece: int | None = None,
 ) -> Host | None:
     if hid == asker.host_id or hid == avoid or hid in task.excluded:
         return None
@@ -52,6 +54,8 @@ def _usable(
         return None
     given = per_parent.get(hid, 0)
     if given >= cfg.max_pieces_per_parent or h.busy() + given >= h.upload_slots:
+        return None
+    if piece is not None and h.uploads_of(task.digest, piece) >= cfg.max_uploads_per_piece:
         return None
     return h
 
@@ -79,7 +83,7 @@ def choose_parent(
         pools.append(task.holders[piece])
     for pool in pools:
         for hid in pool.sample(rng, k):
-            h = _usable(hid, asker, task, hosts, per_parent, now, cfg, avoid)
+            h = _usable(hid, asker, task, hosts, per_parent, now, cfg, avoid, piece)
             if h is None:
                 continue
             s = parent_score(h, per_parent.get(hid, 0), h.zone == asker.zone, cfg)

@@ -78,6 +78,8 @@ class Host:
     tasks: set[str] = field(default_factory=set)
     #: Uploads assigned to this host as parent and not yet reported: (child, digest, piece).
     serving: set[tuple[str, str, int]] = field(default_factory=set)
+    #: The same uploads counted per piece: (digest, piece) -> children.
+    piece_uploads: dict[tuple[str, int], int] = field(default_factory=dict)
     #: Times of recent counted failures as a parent (for the doubling penalty).
     failures: deque[float] = field(default_factory=deque)
     #: Times of recent counted ``error``s among them (peers could not reach it).
@@ -90,6 +92,25 @@ class Host:
     def busy(self) -> int:
         """Upload slots in use: what the scheduler assigned, or what the host said."""
         return max(len(self.serving), self.load.upload_slots_in_use)
+
+    def serve(self, child: str, digest: str, piece: int) -> None:
+        """Count an upload of ``piece`` to ``child`` (once)."""
+        key = (child, digest, piece)
+        if key not in self.serving:
+            self.serving.add(key)
+            self.piece_uploads[digest, piece] = self.piece_uploads.get((digest, piece), 0) + 1
+
+    def unserve(self, child: str, digest: str, piece: int) -> None:
+        key = (child, digest, piece)
+        if key in self.serving:
+            self.serving.remove(key)
+            left = self.piece_uploads.pop((digest, piece)) - 1
+            if left:
+                self.piece_uploads[digest, piece] = left
+
+    def uploads_of(self, digest: str, piece: int) -> int:
+        """Children this host is assigned to send ``piece`` to right now."""
+        return self.piece_uploads.get((digest, piece), 0)
 
 
 @dataclass(slots=True, eq=False)

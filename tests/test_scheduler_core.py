@@ -146,6 +146,21 @@ def test_late_joiner_gets_everything_from_peers() -> None:
     assert set(per_parent) == {"s1", "s2", "s3"} and max(per_parent.values()) <= 4
 
 
+def test_a_fresh_piece_goes_to_at_most_max_uploads_per_piece_children_at_once() -> None:
+    s = Scheduler(SchedulerConfig(max_uploads_per_piece=2, heartbeat_timeout=1e9))
+    join(s, "a", slots=16)
+    assert 0 in assign(s, "a").from_source
+    report_source(s, "a", [0])  # piece 0: one holder, with slots to spare
+    for h in ("b", "c", "d"):
+        join(s, h)
+    given = {h: {p.piece: p.parent_id for p in assign(s, h).from_peers} for h in ("b", "c", "d")}
+    assert given["b"].get(0) == "a" and given["c"].get(0) == "a"
+    assert 0 not in given["d"]  # a already sends it to two children
+    s.handle(ReportPieces("b", D, (0,), None), 1.0)  # b has it: a's upload of it ended
+    assert assign(s, "d", 1.0).from_peers[0].piece == 0  # now from a or b
+    assert s.hosts["a"].uploads_of(D, 0) + s.hosts["b"].uploads_of(D, 0) == 2
+
+
 def test_parent_upload_slots_and_per_parent_cap_respected() -> None:
     s = Scheduler(SchedulerConfig(max_pieces_per_parent=2))
     join(s, "seed", slots=3)
