@@ -95,6 +95,7 @@ class SchedulerClient:
         self.announcements = announcements
         self.timeout = timeout
         self._current = 0
+        self._long_poll = True
         self._registered = False
         self._register_lock = trio.Lock()
         self._plans: dict[str, tuple[int, int]] = {}
@@ -258,8 +259,17 @@ class SchedulerClient:
                 raise PlanConflict(answer.message, piece_size=answer.piece_size)
             raise NetworkError(f"scheduler rejected task {digest}: {answer.message}")
 
-    async def assign(self, digest: Digest, max_pieces: int) -> Assignment:
-        answer = await self.call(Assign(self.host_id, str(digest), max_pieces))
+    async def assign(self, digest: Digest, max_pieces: int, *, wait: float = 0.0) -> Assignment:
+        if not self._long_poll:
+            wait = 0.0
+        try:
+            answer = await self.call(Assign(self.host_id, str(digest), max_pieces, wait))
+        except NetworkError as exc:
+            if not (wait and "unknown fields ['wait']" in str(exc)):
+                raise
+            # A scheduler from before long polls: ask it the old way from now on.
+            self._long_poll = False
+            answer = await self.call(Assign(self.host_id, str(digest), max_pieces))
         if not isinstance(answer, Assignment):
             raise NetworkError(f"scheduler answered {type(answer).__name__} to Assign")
         return answer

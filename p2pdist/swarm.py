@@ -69,7 +69,10 @@ class SchedulerLink(Protocol):
 
     async def start_task(self, digest: Digest, size: int, piece_size: int) -> None: ...
 
-    async def assign(self, digest: Digest, max_pieces: int) -> Assignment: ...
+    async def assign(self, digest: Digest, max_pieces: int, *, wait: float = 0.0) -> Assignment:
+        """``wait``: the scheduler may hold the question that long while it has
+        nothing to give (a long poll; a scheduler that does not hold answers at once)."""
+        ...
 
     async def report_pieces(
         self,
@@ -130,6 +133,17 @@ peer flows beside it a registry run got a quarter of the link and the origin sat
 them).  One peer flow still takes whatever the registry run leaves of the link.  Side by
 side at N=8 (4 runs each): the image left the registry at 22-24 s instead of 23-26 s
 (T_min 21.5 s), max / T_min 1.30-1.35x against 1.32-1.41x."""
+
+ASSIGN_WAIT = 1.0
+"""Seconds the scheduler may hold an ``Assign`` that has nothing for us yet: it answers
+as soon as a piece we can take is reported.  Asking again every ``retry_after`` (0.1 s)
+instead was three quarters of the scheduler's events at N=8, and at N=16 on 2 cores the
+scheduler fell seconds behind, daemons took it for dead and fetched the rest of their
+blobs from the registry (1.4-2.9x the image's bytes)."""
+
+HELD_AFTER = 0.2
+"""An ``Assign`` unanswered this long is being held: the scheduler has nothing for us
+now, as good as an empty answer for the endgame (see ``stragglers``)."""
 
 HEDGE_MIN = 1.0
 """... and for at least this many seconds (a fast swarm's median is milliseconds)."""
@@ -268,6 +282,8 @@ class _Swarm:
         self.source_runs = 0  # registry runs in flight
         self.room = trio.Event()  # set when either goes down
         self.changed = trio.Event()
+        self.asking = trio.CancelScope()  # the Assign in flight
+        self.asked: float | None = None  # when it was sent
         self.pending_peer: list[int] = []
         self.pending_source: dict[int, str] = {}
         self.report_wanted = trio.Event()
@@ -286,6 +302,8 @@ class _Swarm:
         if self.progress is not None:
             self.progress(self.task.verified_bytes, self.plan.size)
         self.changed.set()
+        if self.task.complete_pieces:
+            self.asking.cancel()  # a held Assign: nothing more to ask for
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -473,8 +491,10 @@ class _Swarm:
 
     def stragglers(self, now: float) -> list[_PeerFetch]:
         """Fetches to hedge now: only when the download cannot start anything new (the
-        scheduler had nothing, or every slot is taken), and only pieces with one fetch."""
-        if not (self.waiting or self.slots.value == 0):
+        scheduler had nothing or holds our question, or every slot is taken), and only
+        pieces with one fetch."""
+        held = self.asked is not None and now - self.asked > HELD_AFTER
+        if not (self.waiting or held or self.slots.value == 0):
             return []
         limit = self.straggler_after()
         if limit is None:
@@ -566,19 +586,25 @@ class _Swarm:
                     else:
                         want = max(1, self.concurrency * 2 - len(self.inflight))
                     asked = trio.current_time()
-                    assignment = await self.link.assign(self.digest, want)
+                    with trio.CancelScope() as self.asking:
+                        self.asked = asked
+                        try:
+                            assignment = await self.link.assign(self.digest, want, wait=ASSIGN_WAIT)
+                        finally:
+                            self.asked = None
+                    if self.asking.cancelled_caught:
+                        continue  # every piece came in while the question was held
                     self.epoch = assignment.epoch
                     self.hashes.update(assignment.piece_hashes)
                     started = await self._start(assignment, workers, asked)
                     if not started and not self.inflight:
                         started = await self._unstick(workers)
+                    # Until an answer starts something, we are waiting (also while the
+                    # next Assign is held by the scheduler): stragglers may be hedged.
+                    self.waiting = not started
                     if not started:
-                        self.waiting = True
-                        try:
-                            with trio.move_on_after(max(0.01, assignment.retry_after)):
-                                await self.changed.wait()
-                        finally:
-                            self.waiting = False
+                        with trio.move_on_after(max(0.01, assignment.retry_after)):
+                            await self.changed.wait()
             await self._flush_reports()
             reporter.cancel_scope.cancel()
 

@@ -41,11 +41,20 @@ _MAX_LIST = 1 << 20
 _MAX_INT = (1 << 63) - 1  # sizes, indices, counts: anything larger is not a real one
 
 
+_ADDED_LATER = frozenset({("Assign", "wait")})
+"""Fields added after the first release: left out while at their default, so that an
+older scheduler (which refuses unknown fields) still understands the message."""
+
+
 def encode(obj: Any) -> dict[str, Any]:
     """A JSON-ready dict for an event or an answer."""
-    out: dict[str, Any] = {"type": type(obj).__name__}
+    name = type(obj).__name__
+    out: dict[str, Any] = {"type": name}
     for f in dataclasses.fields(obj):
-        out[f.name] = _plain(getattr(obj, f.name))
+        value = getattr(obj, f.name)
+        if (name, f.name) in _ADDED_LATER and value == f.default:
+            continue
+        out[f.name] = _plain(value)
     return out
 
 

@@ -190,11 +190,16 @@ class LeaveTask:
 
 @dataclass(frozen=True, slots=True)
 class Assign:
-    """Query: what should this host fetch next, and from whom (at most ``max_pieces``)?"""
+    """Query: what should this host fetch next, and from whom (at most ``max_pieces``)?
+
+    ``wait``: seconds the service may hold the question while nothing is assignable
+    (a long poll: answered as soon as something is, else with ``retry_after`` when the
+    wait ends).  The state machine ignores it; 0 answers at once."""
 
     host_id: str
     digest: str
     max_pieces: int = 16
+    wait: float = 0.0
 
 
 Event = (

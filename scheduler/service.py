@@ -49,14 +49,29 @@ from p2pdist.metrics import metrics_response
 from ._codec import decode_event, encode
 from ._config import SchedulerConfig
 from ._core import Scheduler
+from ._events import Answer, Assign, Assignment, Event
 from ._metrics import SchedulerMetrics
 from ._preheat import NotEnoughNodes, PreheatError, Selection
 
 __all__ = ["SchedulerService", "run_scheduler", "serve_scheduler"]
 
+
+def _nothing(answer: Answer) -> bool:
+    """An assignment of nothing yet (not done): worth holding the question."""
+    return (
+        isinstance(answer, Assignment)
+        and not answer.done
+        and not answer.from_peers
+        and not answer.from_source
+    )
+
+
 log = logging.getLogger("p2pdist.scheduler")
 
 MAX_EVENT_BYTES = 8 << 20
+MAX_ASSIGN_WAIT = 2.0
+"""Longest an ``Assign`` is held (its ``wait``, capped): well inside a daemon's 5 s
+request timeout."""
 MAX_PREHEAT_BYTES = 64 << 10
 _PREHEAT_KEYS = frozenset({"image", "platform", "nodes", "percent", "all"})
 _JOB_ID = re.compile(r"ph-[0-9a-f]{16}")
@@ -70,6 +85,8 @@ class SchedulerService:
     token: str | None = field(default=None, repr=False)
     """The cluster token events must carry (None: no cluster auth)."""
     metrics: SchedulerMetrics = field(default_factory=SchedulerMetrics)
+    _change: dict[str, trio.Event] = field(default_factory=dict, repr=False)
+    """Per task digest: set (and dropped) when the task changes; held Assigns wait on it."""
 
     def __post_init__(self) -> None:
         self.metrics.watch(
@@ -78,6 +95,38 @@ class SchedulerService:
 
     def now(self) -> float:
         return trio.current_time()
+
+    def _decide(self, event: Event) -> Answer:
+        started = time.perf_counter()
+        answer = self.scheduler.handle(event, self.now())
+        self.metrics.record(type(event).__name__, answer, time.perf_counter() - started)
+        return answer
+
+    async def _long_poll(self, event: Assign, deadline: float, answer: Answer) -> Answer:
+        """Hold an Assign that got nothing until its task changes (a report, a failure,
+        a host leaving, a tick) or ``deadline``; then decide again.  One change wakes
+        every held Assign of the task: most find the new piece taken (rarest first, at
+        most ``max_uploads_per_piece`` at once) and wait again."""
+        while _nothing(answer):
+            changed = self._change.get(event.digest)
+            if changed is None:
+                changed = self._change[event.digest] = trio.Event()
+            with trio.move_on_at(deadline):
+                await changed.wait()
+            answer = self._decide(event)
+            if trio.current_time() >= deadline:
+                break
+        return answer
+
+    def _changed(self, digest: str | None) -> None:
+        """Wake the Assigns held on ``digest`` (None: on every task)."""
+        if digest is None:
+            changes, self._change = list(self._change.values()), {}
+            for changed in changes:
+                changed.set()
+        else:
+            if digest in self._change:
+                self._change.pop(digest).set()
 
     async def handle(self, request: Request) -> Response:
         if request.path == "/api/v1/events":
@@ -90,9 +139,13 @@ class SchedulerService:
             except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nesting
                 raise HTTPError(400, f"invalid event: {str(exc)[:200]}") from None
             self.events += 1
-            started = time.perf_counter()
-            answer = self.scheduler.handle(event, self.now())
-            self.metrics.record(type(event).__name__, answer, time.perf_counter() - started)
+            answer = self._decide(event)
+            if isinstance(event, Assign):
+                wait = min(event.wait, MAX_ASSIGN_WAIT) if event.wait > 0 else 0.0
+                if wait and _nothing(answer):
+                    answer = await self._long_poll(event, trio.current_time() + wait, answer)
+            else:
+                self._changed(getattr(event, "digest", None))
             return Response.json(encode(answer))
         if request.path == "/api/v1/preheat" or request.path.startswith("/api/v1/preheat/"):
             return await self._preheat(request)
@@ -191,6 +244,7 @@ class SchedulerService:
         while True:
             await trio.sleep(interval)
             expired = self.scheduler.tick(self.now())
+            self._changed(None)  # lapsed leases and assignments may be offered again
             for host_id in expired:
                 log.info("host %s expired (no heartbeat)", host_id)
 

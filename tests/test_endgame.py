@@ -68,7 +68,7 @@ class LocalLink:
     async def start_task(self, digest: Digest, size: int, piece_size: int) -> None:
         assert await self._call(StartTask(self.host_id, str(digest), size, piece_size)) == Ack()
 
-    async def assign(self, digest: Digest, max_pieces: int) -> Assignment:
+    async def assign(self, digest: Digest, max_pieces: int, *, wait: float = 0.0) -> Assignment:
         answer = await self._call(Assign(self.host_id, str(digest), max_pieces))
         assert isinstance(answer, Assignment), answer
         return answer

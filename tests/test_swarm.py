@@ -321,8 +321,11 @@ def test_slow_parent_pieces_are_fetched_elsewhere_endgame(
     assert fast["from_peers"] == size and slow["from_peers"] == size, (fast, slow)
     assert slow["stragglers"] >= 1, slow
     assert "asking for it elsewhere" in log
-    assert slow["seconds"] < 3 * fast["seconds"] + 2.0, (fast, slow)
-    assert slow_wall < 3 * fast_wall + 2.0, (fast_wall, slow_wall)
+    # A straggler costs the parent nothing (a busy seed is not a broken one), so the
+    # scheduler may name n1 again for later pieces: up to two rounds of HEDGE_MIN (1 s)
+    # before every piece is in, still a tenth of what n1 alone would take.
+    assert slow["seconds"] < 3 * fast["seconds"] + 3.0, (fast, slow)
+    assert slow_wall < 3 * fast_wall + 3.0, (fast_wall, slow_wall)
     assert slow["seconds"] < alone / 4, (slow, alone)
 
 
