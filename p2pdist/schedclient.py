@@ -57,6 +57,11 @@ ROUND_PAUSE = 0.5
 """Seconds between two rounds over the scheduler URLs (see ``SchedulerClient._post``)."""
 
 
+NO_WAIT_RETRY = 300.0
+"""Seconds a scheduler that refused ``Assign.wait`` (from before long polls) is asked
+without it before trying again."""
+
+
 class SchedulerUnavailable(NetworkError):
     pass
 
@@ -95,7 +100,7 @@ class SchedulerClient:
         self.announcements = announcements
         self.timeout = timeout
         self._current = 0
-        self._long_poll = True
+        self._no_wait_until = float("-inf")
         self._registered = False
         self._register_lock = trio.Lock()
         self._plans: dict[str, tuple[int, int]] = {}
@@ -260,15 +265,16 @@ class SchedulerClient:
             raise NetworkError(f"scheduler rejected task {digest}: {answer.message}")
 
     async def assign(self, digest: Digest, max_pieces: int, *, wait: float = 0.0) -> Assignment:
-        if not self._long_poll:
+        if trio.current_time() < self._no_wait_until:
             wait = 0.0
         try:
             answer = await self.call(Assign(self.host_id, str(digest), max_pieces, wait))
         except NetworkError as exc:
             if not (wait and "unknown fields ['wait']" in str(exc)):
                 raise
-            # A scheduler from before long polls: ask it the old way from now on.
-            self._long_poll = False
+            # A scheduler from before long polls: ask it the old way for a while (it may
+            # be upgraded, or another URL answer next).
+            self._no_wait_until = trio.current_time() + NO_WAIT_RETRY
             answer = await self.call(Assign(self.host_id, str(digest), max_pieces))
         if not isinstance(answer, Assignment):
             raise NetworkError(f"scheduler answered {type(answer).__name__} to Assign")

@@ -4,7 +4,10 @@ Endpoints (all JSON):
 
 * ``POST /api/v1/events`` — one event (``{"type": "Assign", ...}``, see ``_events``);
   answers the :class:`Answer` as JSON (``{"type": "Assignment", ...}``).  400 for a
-  malformed event.
+  malformed event.  An ``Assign`` with ``wait`` that has nothing yet is held (a long
+  poll, at most ``MAX_ASSIGN_WAIT``) until its task changes: a report, failure or other
+  event about the task, a host leaving, or the tick.  A second ``Assign`` from the same
+  host about the same task ends the held one with nothing.
 * ``POST /api/v1/preheat`` — ``{"image": "REGISTRY/REPO[:TAG|@DIGEST]", "platform":
   "os/arch" (optional), and at most one of "nodes": N, "percent": P, "all": true}``
   (none of them: one node) creates a preheat job (``_preheat``) and answers ``201`` with
@@ -49,7 +52,7 @@ from p2pdist.metrics import metrics_response
 from ._codec import decode_event, encode
 from ._config import SchedulerConfig
 from ._core import Scheduler
-from ._events import Answer, Assign, Assignment, Event
+from ._events import Answer, Assign, Assignment, Event, Heartbeat, RegisterHost
 from ._metrics import SchedulerMetrics
 from ._preheat import NotEnoughNodes, PreheatError, Selection
 
@@ -86,6 +89,8 @@ class SchedulerService:
     """The cluster token events must carry (None: no cluster auth)."""
     metrics: SchedulerMetrics = field(default_factory=SchedulerMetrics)
     _change: dict[str, trio.Event] = field(default_factory=dict, repr=False)
+    _held: dict[tuple[str, str], trio.CancelScope] = field(default_factory=dict, repr=False)
+    """The Assign held per (host, digest)."""
     """Per task digest: set (and dropped) when the task changes; held Assigns wait on it."""
 
     def __post_init__(self) -> None:
@@ -107,16 +112,31 @@ class SchedulerService:
         a host leaving, a tick) or ``deadline``; then decide again.  One change wakes
         every held Assign of the task: most find the new piece taken (rarest first, at
         most ``max_uploads_per_piece`` at once) and wait again."""
-        while _nothing(answer):
-            changed = self._change.get(event.digest)
-            if changed is None:
-                changed = self._change[event.digest] = trio.Event()
-            with trio.move_on_at(deadline):
-                await changed.wait()
-            answer = self._decide(event)
-            if trio.current_time() >= deadline:
-                break
+        key = (event.host_id, event.digest)
+        with trio.CancelScope() as scope:
+            self._held[key] = scope
+            try:
+                while _nothing(answer):
+                    changed = self._change.get(event.digest)
+                    if changed is None:
+                        changed = self._change[event.digest] = trio.Event()
+                    with trio.move_on_at(deadline):
+                        await changed.wait()
+                    answer = self._decide(event)
+                    if trio.current_time() >= deadline:
+                        break
+            finally:
+                if self._held.get(key) is scope:
+                    del self._held[key]
         return answer
+
+    def _supersede(self, event: Assign) -> None:
+        """A host asking again about a task ends the Assign of its still held (its
+        client gave up on it: a timeout): that one answers nothing and decides nothing
+        more, so no piece is assigned to an answer nobody reads."""
+        held = self._held.pop((event.host_id, event.digest), None)
+        if held is not None:
+            held.cancel()
 
     def _changed(self, digest: str | None) -> None:
         """Wake the Assigns held on ``digest`` (None: on every task)."""
@@ -139,13 +159,15 @@ class SchedulerService:
             except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nesting
                 raise HTTPError(400, f"invalid event: {str(exc)[:200]}") from None
             self.events += 1
+            if isinstance(event, Assign):
+                self._supersede(event)
             answer = self._decide(event)
             if isinstance(event, Assign):
                 wait = min(event.wait, MAX_ASSIGN_WAIT) if event.wait > 0 else 0.0
                 if wait and _nothing(answer):
                     answer = await self._long_poll(event, trio.current_time() + wait, answer)
-            else:
-                self._changed(getattr(event, "digest", None))
+            elif not isinstance(event, Heartbeat | RegisterHost):  # the tick covers those
+                self._changed(getattr(event, "digest", None))  # LeaveHost: every task
             return Response.json(encode(answer))
         if request.path == "/api/v1/preheat" or request.path.startswith("/api/v1/preheat/"):
             return await self._preheat(request)

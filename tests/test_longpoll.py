@@ -148,3 +148,29 @@ async def test_daemon_asks_an_old_scheduler_without_wait() -> None:
         await conns.aclose()
     assert first.from_source and second.retry_after >= 0
     assert refused == ["Assign"]  # asked with wait once, then never again
+
+
+async def test_asking_again_ends_the_held_assign_without_assigning_it_anything() -> None:
+    """A client that timed out and asks again: the first question (nobody reads its
+    answer) ends with nothing, so no piece is assigned to it; the second gets the piece."""
+    async with running_scheduler() as (_, http):
+        leased = await two_hosts(http)
+        answers: dict[str, tuple[float, Answer]] = {}
+        started = trio.current_time()
+
+        async def ask(name: str) -> None:
+            got = await send(http, Assign("b", D, 16, wait=1.5))
+            answers[name] = (trio.current_time() - started, got)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "first")
+            await trio.sleep(0.2)
+            nursery.start_soon(ask, "second")
+            await trio.sleep(0.2)
+            assert "first" in answers and "second" not in answers
+            await send(http, ReportPieces("a", D, (leased[0],), {leased[0]: H0}, True))
+        took, first = answers["first"]
+        assert isinstance(first, Assignment) and not first.from_peers and took < 0.35
+        second = answers["second"][1]
+        assert isinstance(second, Assignment)
+        assert [p.piece for p in second.from_peers] == [leased[0]]
