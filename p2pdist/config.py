@@ -4,7 +4,7 @@ environment variables, then command-line flags (each layer overrides the one bef
 Example ``p2pdist.toml``::
 
     data_dir = "/var/lib/p2pdist"
-    piece_size = "1MiB"
+    piece_size = "2MiB"
     concurrency = 8
 
     [registries."registry.example.com"]
