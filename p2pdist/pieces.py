@@ -15,6 +15,12 @@ __all__ = ["DEFAULT_PIECE_SIZE", "MAX_PIECES", "MIN_PIECE_SIZE", "PiecePlan", "p
 
 MIB = 1 << 20
 DEFAULT_PIECE_SIZE = 2 * MIB
+"""A piece is only served once it is whole and verified, so its size sets how long each
+hop of a rollout takes; each piece also costs scheduler events.  Side by side at N=8,
+1 MiB pieces were faster (max / T_min 1.19-1.21x against 1.25-1.29x), but at N=16 on
+2 cores they doubled the scheduler's events and in 5 of 8 runs it fell far enough
+behind that daemons fetched layers from the registry (egress up to 1.8x); 2 MiB was
+clean (1.03x).  Small swarms may set ``piece_size = "1MiB"``."""
 MIN_PIECE_SIZE = 64 * 1024
 MAX_PIECE_SIZE = 1 << 30
 MAX_PIECES = 1000
