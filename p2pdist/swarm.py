@@ -586,13 +586,8 @@ class _Swarm:
                     else:
                         want = max(1, self.concurrency * 2 - len(self.inflight))
                     asked = trio.current_time()
-                    with trio.CancelScope() as self.asking:
-                        self.asked = asked
-                        try:
-                            assignment = await self.link.assign(self.digest, want, wait=ASSIGN_WAIT)
-                        finally:
-                            self.asked = None
-                    if self.asking.cancelled_caught:
+                    assignment = await self._ask(want, asked)
+                    if assignment is None:
                         continue  # every piece came in while the question was held
                     self.epoch = assignment.epoch
                     self.hashes.update(assignment.piece_hashes)
@@ -607,6 +602,18 @@ class _Swarm:
                             await self.changed.wait()
             await self._flush_reports()
             reporter.cancel_scope.cancel()
+
+    async def _ask(self, want: int, asked: float) -> Assignment | None:
+        """The scheduler's next assignment (it may hold the question up to
+        ``ASSIGN_WAIT``); None when every piece came in meanwhile (``_progressed`` ends
+        the question)."""
+        with trio.CancelScope() as self.asking:
+            self.asked = asked
+            try:
+                return await self.link.assign(self.digest, want, wait=ASSIGN_WAIT)
+            finally:
+                self.asked = None
+        return None
 
     async def _unstick(self, workers: trio.Nursery) -> int:
         """Liveness: when nothing has arrived for ``stall_timeout`` and the scheduler
@@ -628,12 +635,16 @@ class _Swarm:
             self.stall_timeout,
             run[0],
         )
+        await self._start_run(run, workers)
+        self.last_progress = trio.current_time()
+        return 1
+
+    async def _start_run(self, run: list[int], workers: trio.Nursery) -> None:
+        """Fetch ``run`` from the registry, in one of the download's slots."""
         await self.slots.acquire()
         self.inflight.update(run)
         self.source_runs += 1
         workers.start_soon(self._from_source, run)
-        self.last_progress = trio.current_time()
-        return 1
 
     def _startable(self, pp: PieceSource) -> bool:
         """Not in and not being fetched (a straggler's piece may be, from another parent)."""
@@ -654,10 +665,7 @@ class _Swarm:
         # (resumed after a restart), and a run is fetched as one range, first to last.
         wanted = [i for i in a.from_source if i not in self.inflight]
         for run in _runs([i for i in wanted if not self.task.is_verified(i)]):
-            await self.slots.acquire()
-            self.inflight.update(run)
-            self.source_runs += 1
-            workers.start_soon(self._from_source, run)
+            await self._start_run(run, workers)
             started += 1
         for pp in a.from_peers:
             if not self._startable(pp):
