@@ -340,8 +340,7 @@ class Scheduler:
             pt = task.peers.get(child) if task is not None else None
             if task is not None and pt is not None:
                 self._release_inflight(task, pt, piece)
-        host.serving.clear()
-        host.piece_uploads.clear()
+        host.stop_serving()
 
     # --- preheat -------------------------------------------------------------------
 

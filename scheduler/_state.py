@@ -108,6 +108,11 @@ class Host:
             if left:
                 self.piece_uploads[digest, piece] = left
 
+    def stop_serving(self) -> None:
+        """Forget every upload (the host is gone)."""
+        self.serving.clear()
+        self.piece_uploads.clear()
+
     def uploads_of(self, digest: str, piece: int) -> int:
         """Children this host is assigned to send ``piece`` to right now."""
         return self.piece_uploads.get((digest, piece), 0)

@@ -89,9 +89,9 @@ class SchedulerService:
     """The cluster token events must carry (None: no cluster auth)."""
     metrics: SchedulerMetrics = field(default_factory=SchedulerMetrics)
     _change: dict[str, trio.Event] = field(default_factory=dict, repr=False)
+    """Per task digest: set (and dropped) when the task changes; held Assigns wait on it."""
     _held: dict[tuple[str, str], trio.CancelScope] = field(default_factory=dict, repr=False)
     """The Assign held per (host, digest)."""
-    """Per task digest: set (and dropped) when the task changes; held Assigns wait on it."""
 
     def __post_init__(self) -> None:
         self.metrics.watch(
@@ -161,13 +161,14 @@ class SchedulerService:
             self.events += 1
             if isinstance(event, Assign):
                 self._supersede(event)
-            answer = self._decide(event)
-            if isinstance(event, Assign):
-                wait = min(event.wait, MAX_ASSIGN_WAIT) if event.wait > 0 else 0.0
-                if wait and _nothing(answer):
-                    answer = await self._long_poll(event, trio.current_time() + wait, answer)
-            elif not isinstance(event, Heartbeat | RegisterHost):  # the tick covers those
-                self._changed(getattr(event, "digest", None))  # LeaveHost: every task
+                answer = self._decide(event)
+                if event.wait > 0 and _nothing(answer):
+                    deadline = trio.current_time() + min(event.wait, MAX_ASSIGN_WAIT)
+                    answer = await self._long_poll(event, deadline, answer)
+            else:
+                answer = self._decide(event)
+                if not isinstance(event, Heartbeat | RegisterHost):  # the tick covers those
+                    self._changed(getattr(event, "digest", None))  # LeaveHost: every task
             return Response.json(encode(answer))
         if request.path == "/api/v1/preheat" or request.path.startswith("/api/v1/preheat/"):
             return await self._preheat(request)
